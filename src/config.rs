@@ -1,0 +1,1 @@
+//! YAML configuration: schema, defaults and validation (DESIGN §6).

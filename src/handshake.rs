@@ -1,0 +1,1 @@
+//! The x25519 + HKDF session handshake (DESIGN §3).

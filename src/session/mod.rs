@@ -1,0 +1,1 @@
+//! Sessions: keys, counters, sealed frames and the session cache (DESIGN §3).
