@@ -26,6 +26,9 @@ use serde_saphyr::{Location, MessageFormatter, Spanned};
 /// sidecar is almost certainly a typo, and each thread costs a stack.
 const MAX_WORKER_THREADS: u64 = 256;
 
+const TLS_EXAMPLE: &str =
+    "tls: { ca: certs/ca.crt, cert: certs/orders/tls.crt, key: certs/orders/tls.key }";
+
 /// The effective configuration of one seam, validated and with defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -165,13 +168,15 @@ pub enum ConfigError {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+// Required keys are `Option` too: serde would report a missing key at whatever key it read
+// last, while `validate` can point at the mapping that lacks it.
 struct RawConfig {
-    service: Spanned<String>,
-    trust_domain: Spanned<String>,
+    service: Option<Spanned<String>>,
+    trust_domain: Option<Spanned<String>>,
     listen: Option<RawListen>,
-    upstream: Spanned<String>,
+    upstream: Option<Spanned<String>>,
     upstream_protocol: Option<UpstreamProtocol>,
-    tls: Spanned<RawTls>,
+    tls: Option<Spanned<RawTls>>,
     session: Option<RawSession>,
     rate_limit: Option<RawRateLimit>,
     peers: Option<Entries<Spanned<String>, Spanned<Vec<Spanned<String>>>>>,
@@ -197,9 +202,9 @@ enum RawTls {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTlsFiles {
-    ca: Spanned<String>,
-    cert: Spanned<String>,
-    key: Spanned<String>,
+    ca: Option<Spanned<String>>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -227,8 +232,8 @@ enum RawQuota {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimited {
-    per_second: Spanned<u32>,
-    burst: Spanned<u32>,
+    per_second: Option<Spanned<u32>>,
+    burst: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -360,9 +365,9 @@ impl Config {
             // Snippets are multi-line; the messages here must stay on one line.
             with_snippet: false,
         };
-        let raw: RawConfig = serde_saphyr::from_str_with_options(text, options)
+        let raw: Spanned<RawConfig> = serde_saphyr::from_str_with_options(text, options)
             .map_err(|err| parse_error(origin, &err))?;
-        validate(raw, &Checker { origin, base_dir })
+        validate(&raw, &Checker { origin, base_dir })
     }
 }
 
@@ -459,6 +464,22 @@ impl Checker<'_> {
             column: at.column(),
             message: message.into(),
         }
+    }
+
+    /// A key the schema requires; `mapping` is where the mapping that lacks it starts.
+    fn required<'v, T>(
+        &self,
+        value: Option<&'v Spanned<T>>,
+        mapping: Location,
+        key: &str,
+        example: &str,
+    ) -> Result<&'v Spanned<T>, ConfigError> {
+        value.ok_or_else(|| {
+            self.error(
+                mapping,
+                format!("missing required key {key}; add it, e.g. `{example}`"),
+            )
+        })
     }
 
     fn service_name(&self, key: &str, name: &Spanned<String>) -> Result<String, ConfigError> {
@@ -558,10 +579,26 @@ impl Checker<'_> {
                      with N at least 1"
                 ),
             )),
-            RawQuota::Limited(limited) => Ok(Quota::Limited {
-                per_second: self.positive(&format!("{key}.per_second"), &limited.per_second)?,
-                burst: self.positive(&format!("{key}.burst"), &limited.burst)?,
-            }),
+            RawQuota::Limited(limited) => {
+                let per_second = format!("{key}.per_second");
+                let burst = format!("{key}.burst");
+                let at = quota.referenced;
+                Ok(Quota::Limited {
+                    per_second: self.positive(
+                        &per_second,
+                        self.required(
+                            limited.per_second.as_ref(),
+                            at,
+                            &per_second,
+                            "per_second: 100",
+                        )?,
+                    )?,
+                    burst: self.positive(
+                        &burst,
+                        self.required(limited.burst.as_ref(), at, &burst, "burst: 20")?,
+                    )?,
+                })
+            }
         }
     }
 
@@ -591,15 +628,31 @@ impl Checker<'_> {
     }
 }
 
-fn validate(raw: RawConfig, check: &Checker) -> Result<Config, ConfigError> {
-    let service = check.service_name("service", &raw.service)?;
-    let trust_domain = validate_trust_domain(&raw.trust_domain, check)?;
+fn validate(raw: &Spanned<RawConfig>, check: &Checker) -> Result<Config, ConfigError> {
+    let top = raw.referenced;
+    let raw = &raw.value;
+    let service = check.required(raw.service.as_ref(), top, "service", "service: orders")?;
+    let service = check.service_name("service", service)?;
+    let trust_domain = check.required(
+        raw.trust_domain.as_ref(),
+        top,
+        "trust_domain",
+        "trust_domain: mesh.local",
+    )?;
+    let trust_domain = validate_trust_domain(trust_domain, check)?;
     let listen = validate_listen(raw.listen.as_ref(), check)?;
+    let upstream = check.required(
+        raw.upstream.as_ref(),
+        top,
+        "upstream",
+        "upstream: http://127.0.0.1:8080",
+    )?;
     let upstream = UpstreamConfig {
-        url: validate_upstream(&raw.upstream, check)?,
+        url: validate_upstream(upstream, check)?,
         protocol: raw.upstream_protocol.unwrap_or_default(),
     };
-    let tls = validate_tls(&raw.tls, &service, &trust_domain, check)?;
+    let tls = check.required(raw.tls.as_ref(), top, "tls", TLS_EXAMPLE)?;
+    let tls = validate_tls(tls, &service, &trust_domain, check)?;
     let session = validate_session(raw.session.as_ref(), check)?;
     let rate_limit = validate_rate_limit(raw.rate_limit.as_ref(), check)?;
     let peers = validate_peers(raw.peers.as_ref(), &service, check)?;
@@ -729,14 +782,28 @@ fn validate_tls(
                 raw.referenced,
                 format!(
                     "tls is {shown}, but TLS cannot be turned off: seam always uses mutual TLS \
-                     between seams; give tls: {{ ca: FILE, cert: FILE, key: FILE }}"
+                     between seams; give `{TLS_EXAMPLE}`"
                 ),
             ));
         }
     };
     // The files normally come from `seam certs init`, which writes DIR/ca.crt and
     // DIR/<service>/tls.{crt,key}; point at the directory the config already implies.
-    let dir = Path::new(&files.ca.value)
+    let at = raw.referenced;
+    let ca = check.required(files.ca.as_ref(), at, "tls.ca", "ca: certs/ca.crt")?;
+    let cert = check.required(
+        files.cert.as_ref(),
+        at,
+        "tls.cert",
+        "cert: certs/orders/tls.crt",
+    )?;
+    let key = check.required(
+        files.key.as_ref(),
+        at,
+        "tls.key",
+        "key: certs/orders/tls.key",
+    )?;
+    let dir = Path::new(&ca.value)
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .map(|d| check.base_dir.join(d))
@@ -746,9 +813,9 @@ fn validate_tls(
         "create it with `seam certs init --dir {dir} --trust-domain {trust_domain} --service {service}`"
     );
     Ok(TlsConfig {
-        ca: check.tls_file("tls.ca", &files.ca, &hint)?,
-        cert: check.tls_file("tls.cert", &files.cert, &hint)?,
-        key: check.tls_file("tls.key", &files.key, &hint)?,
+        ca: check.tls_file("tls.ca", ca, &hint)?,
+        cert: check.tls_file("tls.cert", cert, &hint)?,
+        key: check.tls_file("tls.key", key, &hint)?,
     })
 }
 
@@ -972,9 +1039,13 @@ fn parse_error(origin: &str, err: &serde_saphyr::Error) -> ConfigError {
                 expected.join(", ")
             )
         }
-        E::SerdeMissingField { field, .. } => format!(
-            "missing required key '{field}'; add it (config/orders.yaml in the seam repository \
-             is a commented example)"
+        E::SerdeMissingField { field, .. } => format!("missing required key {field}; add it"),
+        E::Eof { .. } => "unexpected end of file; a config needs at least service, \
+                          trust_domain, upstream and tls"
+            .to_owned(),
+        E::ExternalMessage { .. } | E::IndentationError { .. } => format!(
+            "invalid YAML: {}",
+            one_line(&serde_saphyr::UserMessageFormatter.format_message(inner))
         ),
         E::SerdeUnknownVariant {
             variant, expected, ..
@@ -1007,11 +1078,7 @@ fn parse_error(origin: &str, err: &serde_saphyr::Error) -> ConfigError {
             format!("invalid value {unexpected}, expected {expected}")
         }
         E::NullIntoString { .. } => "this value is empty; give a value".to_owned(),
-        other => {
-            let text = serde_saphyr::UserMessageFormatter.format_message(other);
-            // The formatter may echo input; keep the message on one printable line.
-            text.escape_debug().to_string()
-        }
+        other => one_line(&serde_saphyr::UserMessageFormatter.format_message(other)),
     };
     ConfigError::Parse {
         origin: origin.to_owned(),
@@ -1019,6 +1086,13 @@ fn parse_error(origin: &str, err: &serde_saphyr::Error) -> ConfigError {
         column: location.map(|l| l.column()),
         message,
     }
+}
+
+/// Messages may echo input; keep them on one printable line.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Rust type names as a reader of the YAML would say them.
