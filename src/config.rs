@@ -98,7 +98,7 @@ pub struct SessionConfig {
 }
 
 /// Inbound admission control, keyed by the authenticated caller (DESIGN §4).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct RateLimitConfig {
     /// Applies to every caller without an entry in `services`.
     pub default: Quota,
@@ -179,7 +179,7 @@ struct RawConfig {
     tls: Option<Spanned<RawTls>>,
     session: Option<RawSession>,
     rate_limit: Option<RawRateLimit>,
-    peers: Option<Entries<Spanned<String>, Spanned<Vec<Spanned<String>>>>>,
+    peers: Option<RawPeers>,
     timeouts: Option<RawTimeouts>,
     runtime: Option<RawRuntime>,
 }
@@ -192,10 +192,13 @@ struct RawListen {
     admin: Option<Spanned<String>>,
 }
 
+/// Peer name -> endpoints, each with its location.
+type RawPeers = Entries<Spanned<String>, Spanned<Vec<Spanned<String>>>>;
+
 /// `tls` is a mapping of files, but people try `tls: off`; keeping the scalar lets
 /// validation explain that TLS is not optional instead of a bare type error.
 enum RawTls {
-    Files(RawTlsFiles),
+    Files(Box<RawTlsFiles>),
     Scalar(String),
 }
 
@@ -311,15 +314,6 @@ impl Default for Quota {
     }
 }
 
-impl Default for RateLimitConfig {
-    fn default() -> Self {
-        RateLimitConfig {
-            default: Quota::default(),
-            services: BTreeMap::new(),
-        }
-    }
-}
-
 impl Default for TimeoutConfig {
     fn default() -> Self {
         TimeoutConfig {
@@ -381,7 +375,7 @@ impl<'de> Deserialize<'de> for RawTls {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawTls, A::Error> {
                 let files = RawTlsFiles::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawTls::Files(files))
+                Ok(RawTls::Files(Box::new(files)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTls, E> {
                 Ok(RawTls::Scalar(v.to_owned()))
@@ -881,7 +875,7 @@ fn validate_rate_limit(
 }
 
 fn validate_peers(
-    raw: Option<&Entries<Spanned<String>, Spanned<Vec<Spanned<String>>>>>,
+    raw: Option<&RawPeers>,
     service: &str,
     check: &Checker,
 ) -> Result<BTreeMap<String, Vec<SocketAddr>>, ConfigError> {
@@ -1021,11 +1015,8 @@ fn parse_error(origin: &str, err: &serde_saphyr::Error) -> ConfigError {
     let location = err.location().filter(|l| *l != Location::UNKNOWN);
     // Aliases and snippets wrap the error that says what went wrong.
     let mut inner = err;
-    loop {
-        match inner {
-            E::WithSnippet { error, .. } | E::AliasError { error, .. } => inner = error,
-            _ => break,
-        }
+    while let E::WithSnippet { error, .. } | E::AliasError { error, .. } = inner {
+        inner = error;
     }
     let message = match inner {
         E::SerdeUnknownField {
@@ -1131,4 +1122,103 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        for good in ["a", "orders", "billing-v2", "0", "a1-b2", &"a".repeat(63)] {
+            assert!(is_dns_label(good), "{good:?} should be a label");
+        }
+        for bad in ["", "-a", "a-", "Orders", "a_b", "a.b", "ä", &"a".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad:?} should not be a label");
+        }
+    }
+
+    #[test]
+    fn durations_are_compact_humantime() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        for bad in ["", "5", "5 minutes", " 5m", "5m ", "five", "-1s"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn typo_suggestions() {
+        let keys = [
+            "service",
+            "trust_domain",
+            "listen",
+            "upstream",
+            "upstream_protocol",
+        ];
+        assert_eq!(closest("listn", &keys), Some("listen"));
+        assert_eq!(closest("trust-domain", &keys), Some("trust_domain"));
+        assert_eq!(closest("upstream_proto", &keys), Some("upstream_protocol"));
+        assert_eq!(closest("zzz", &keys), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn listener_clashes() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert!(clashes(a("127.0.0.1:1"), a("127.0.0.1:1")));
+        assert!(clashes(a("0.0.0.0:1"), a("127.0.0.1:1")));
+        assert!(!clashes(a("127.0.0.1:1"), a("127.0.0.2:1")));
+        assert!(!clashes(a("127.0.0.1:0"), a("127.0.0.1:0")));
+        assert!(!clashes(a("127.0.0.1:1"), a("127.0.0.1:2")));
+    }
+
+    #[test]
+    fn io_reason_drops_the_errno() {
+        let err = io::Error::from_raw_os_error(2);
+        assert_eq!(io_reason(&err), "No such file or directory");
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        let listen = ListenConfig::default();
+        assert_eq!(listen.admin.to_string(), "127.0.0.1:15000");
+        assert_eq!(listen.outbound.to_string(), "127.0.0.1:15001");
+        assert_eq!(listen.inbound.to_string(), "0.0.0.0:15443");
+        assert_eq!(
+            RateLimitConfig::default().default,
+            Quota::Limited {
+                per_second: NonZeroU32::new(10_000).expect("non-zero"),
+                burst: NonZeroU32::new(2_000).expect("non-zero"),
+            }
+        );
+        assert_eq!(UpstreamProtocol::default(), UpstreamProtocol::Http1);
+        assert_eq!(RuntimeConfig::default().worker_threads, None);
+    }
+
+    #[test]
+    fn parse_errors_are_one_line_with_position() {
+        let err = Config::from_yaml_str("service: [\n", "t.yaml", Path::new("."))
+            .expect_err("unclosed sequence");
+        let message = err.to_string();
+        assert!(message.starts_with("t.yaml:"), "{message}");
+        assert!(err.line().is_some(), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn tls_scalar_is_explained_before_files_are_opened() {
+        let text =
+            "service: orders\ntrust_domain: mesh.local\nupstream: http://127.0.0.1:1\ntls: off\n";
+        let err =
+            Config::from_yaml_str(text, "t.yaml", Path::new("/nonexistent")).expect_err("tls off");
+        assert_eq!(err.line(), Some(4));
+        assert!(
+            err.to_string().contains("TLS cannot be turned off"),
+            "{err}"
+        );
+    }
 }
