@@ -26,6 +26,10 @@ use serde_saphyr::{Location, MessageFormatter, Spanned};
 /// sidecar is almost certainly a typo, and each thread costs a stack.
 const MAX_WORKER_THREADS: u64 = 256;
 
+// Evaluated at compile time, so the unwraps cannot fail at run time.
+const DEFAULT_PER_SECOND: NonZeroU32 = NonZeroU32::new(10_000).unwrap();
+const DEFAULT_BURST: NonZeroU32 = NonZeroU32::new(2_000).unwrap();
+
 const TLS_EXAMPLE: &str =
     "tls: { ca: certs/ca.crt, cert: certs/orders/tls.crt, key: certs/orders/tls.key }";
 
@@ -308,8 +312,8 @@ impl Default for SessionConfig {
 impl Default for Quota {
     fn default() -> Self {
         Quota::Limited {
-            per_second: NonZeroU32::new(10_000).expect("constant is non-zero"),
-            burst: NonZeroU32::new(2_000).expect("constant is non-zero"),
+            per_second: DEFAULT_PER_SECOND,
+            burst: DEFAULT_BURST,
         }
     }
 }
@@ -1089,10 +1093,11 @@ fn one_line(text: &str) -> String {
 /// Rust type names as a reader of the YAML would say them.
 fn describe_type(ty: &str) -> String {
     match ty {
-        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => {
-            format!("a whole number of 0 or more (fits {ty})")
+        "u32" => format!("a whole number from 0 to {}, like 100", u32::MAX),
+        "u8" | "u16" | "u64" | "u128" | "usize" => {
+            "a whole number of 0 or more, like 100".to_owned()
         }
-        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => format!("a whole number (fits {ty})"),
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number, like 100".to_owned(),
         "f32" | "f64" => "a number".to_owned(),
         "bool" => "`true` or `false`".to_owned(),
         other => format!("a value of type {other}"),
