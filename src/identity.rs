@@ -308,10 +308,10 @@ pub fn init_certs(opts: &CertsInit) -> Result<Vec<PathBuf>, IdentityError> {
         ));
     }
 
-    if !opts.force {
-        if let Some((path, _, _)) = files.iter().find(|(path, _, _)| path.exists()) {
-            return Err(IdentityError::AlreadyExists { path: path.clone() });
-        }
+    if !opts.force
+        && let Some((path, _, _)) = files.iter().find(|(path, _, _)| path.exists())
+    {
+        return Err(IdentityError::AlreadyExists { path: path.clone() });
     }
     let mut written = Vec::with_capacity(files.len());
     for (path, kind, contents) in &files {
