@@ -2,37 +2,68 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use seam::config::Config;
+use seam::identity::{CertsInit, init_certs};
 
 /// Exit status for a configuration that does not validate; distinct from 1 so scripts
 /// can tell "your file is wrong" from "seam failed".
 const EXIT_BAD_CONFIG: u8 = 2;
+const SECS_PER_DAY: u64 = 24 * 60 * 60;
 
 /// seam: an encrypted service-mesh sidecar proxy.
-#[derive(Parser)]
+#[derive(Debug, Parser)]
 #[command(name = "seam", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Development certificates for the mesh.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
 }
 
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum ConfigCmd {
     /// Validate FILE without starting: prints `ok`, or the first problem and exits 2.
     Check {
         /// The YAML configuration file.
         file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create a new development CA and a certificate per service (Kubernetes TLS secret layout:
+    /// DIR/ca.crt, DIR/ca.key, DIR/<service>/{tls.crt,tls.key,ca.crt}).
+    Init {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain of the SPIFFE IDs, e.g. mesh.local.
+        #[arg(long)]
+        trust_domain: String,
+        /// A service to issue a certificate for; repeat for each service.
+        #[arg(long = "service", required = true)]
+        services: Vec<String>,
+        /// Replace existing files, CA included.
+        #[arg(long)]
+        force: bool,
+        /// Validity of the service certificates in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=36500))]
+        days: u64,
     },
 }
 
@@ -50,5 +81,37 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Certs { cmd } => match certs(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("seam: {message}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn certs(cmd: CertsCmd) -> Result<(), String> {
+    match cmd {
+        CertsCmd::Init {
+            dir,
+            trust_domain,
+            services,
+            force,
+            days,
+        } => {
+            let written = init_certs(&CertsInit {
+                dir,
+                trust_domain,
+                services,
+                force,
+                validity: Duration::from_secs(days * SECS_PER_DAY),
+            })
+            .map_err(|e| e.to_string())?;
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
     }
 }
