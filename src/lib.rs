@@ -2,10 +2,324 @@
 //!
 //! The crate is laid out one module per concern (see DESIGN §7): `config` reads and
 //! validates the YAML, `identity` owns certificates and the rustls configs, `handshake`
-//! derives per-peer session keys, and `session` seals messages and caches sessions.
+//! derives per-peer session keys, `session` seals messages and caches sessions, `proxy`
+//! carries traffic and `admin` reports on it. [`Sidecar`] ties them together.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod handshake;
 pub mod identity;
+pub mod logging;
+pub mod proxy;
 pub mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use admin::Admin;
+use admin::stats::Stats;
+use config::Config;
+use identity::{Identity, IdentityError, peer_identity};
+use proxy::inbound::Inbound;
+use proxy::outbound::Outbound;
+use proxy::peer::PeerPool;
+use proxy::upstream::Upstream;
+use session::{SessionCache, SessionLimits};
+
+/// How long a peer may take to finish its TLS handshake on the inbound port.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(
+        "cannot listen on {addr} for the {listener} listener: {source}; is another seam running? change listen.{listener} in the config"
+    )]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// A running sidecar: its listeners, its state, and the switch that stops it.
+pub struct Sidecar {
+    outbound_addr: SocketAddr,
+    inbound_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    admin: Arc<Admin>,
+    drain: Duration,
+    data_plane: CancellationToken,
+    admin_plane: CancellationToken,
+    data_tasks: Vec<JoinHandle<()>>,
+    admin_task: JoinHandle<()>,
+}
+
+impl Sidecar {
+    /// Binds every listener, then serves until [`Sidecar::shutdown`]. Returns once the
+    /// sidecar is ready: listeners bound and certificates loaded.
+    pub async fn start(config: Config, identity: Identity) -> Result<Sidecar, SidecarError> {
+        let limits = SessionLimits {
+            idle_ttl: config.session.idle_ttl,
+            max_lifetime: config.session.max_lifetime,
+            max_messages: config.session.max_messages,
+        };
+        let stats = Arc::new(Stats::default());
+        let client_sessions = SessionCache::new(limits, config.session.max_sessions);
+        let server_sessions = SessionCache::new(limits, config.session.max_sessions);
+        let peers = PeerPool::new(&identity, &config.peers, config.timeouts.connect)?;
+        let acceptor = TlsAcceptor::from(identity.server_config()?);
+
+        let outbound = Arc::new(Outbound::new(
+            config.service.clone(),
+            peers,
+            client_sessions.clone(),
+            limits,
+            config.timeouts.request,
+            stats.clone(),
+        ));
+        let inbound = Arc::new(Inbound::new(
+            identity.spiffe_id().clone(),
+            server_sessions.clone(),
+            limits,
+            Upstream::new(&config.upstream, config.timeouts.connect),
+            config.timeouts.request,
+            stats.clone(),
+        ));
+        let admin = Arc::new(Admin {
+            service: config.service.clone(),
+            stats,
+            client_sessions,
+            server_sessions,
+            ready: Default::default(),
+            draining: Default::default(),
+        });
+
+        let outbound_listener = bind("outbound", config.listen.outbound).await?;
+        let inbound_listener = bind("inbound", config.listen.inbound).await?;
+        let admin_listener = bind("admin", config.listen.admin).await?;
+        let outbound_addr = local_addr("outbound", &outbound_listener)?;
+        let inbound_addr = local_addr("inbound", &inbound_listener)?;
+        let admin_addr = local_addr("admin", &admin_listener)?;
+
+        let data_plane = CancellationToken::new();
+        let admin_plane = CancellationToken::new();
+        let trust_domain: Arc<str> = config.trust_domain.clone().into();
+        let data_tasks = vec![
+            tokio::spawn(accept_loop(
+                outbound_listener,
+                data_plane.clone(),
+                move |tcp, _, watcher| serve_outbound(tcp, watcher, outbound.clone()),
+            )),
+            tokio::spawn(accept_loop(
+                inbound_listener,
+                data_plane.clone(),
+                move |tcp, remote, watcher| {
+                    serve_inbound(
+                        tcp,
+                        remote,
+                        watcher,
+                        acceptor.clone(),
+                        trust_domain.clone(),
+                        inbound.clone(),
+                    )
+                },
+            )),
+        ];
+        let admin_for_loop = admin.clone();
+        let admin_task = tokio::spawn(accept_loop(
+            admin_listener,
+            admin_plane.clone(),
+            move |tcp, _, watcher| serve_admin(tcp, watcher, admin_for_loop.clone()),
+        ));
+        admin.ready.store(true, Ordering::Release);
+        tracing::info!(
+            event = "ready",
+            service = config.service,
+            outbound = %outbound_addr,
+            inbound = %inbound_addr,
+            admin = %admin_addr,
+            "seam ready"
+        );
+        Ok(Sidecar {
+            outbound_addr,
+            inbound_addr,
+            admin_addr,
+            admin,
+            drain: config.timeouts.drain,
+            data_plane,
+            admin_plane,
+            data_tasks,
+            admin_task,
+        })
+    }
+
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.admin.stats
+    }
+
+    pub fn client_sessions(&self) -> &SessionCache<String> {
+        &self.admin.client_sessions
+    }
+
+    pub fn server_sessions(&self) -> &SessionCache<uuid::Uuid> {
+        &self.admin.server_sessions
+    }
+
+    /// Stops accepting, lets requests in flight finish for up to `timeouts.drain`,
+    /// then stops. Returns whether everything in flight finished in time.
+    pub async fn shutdown(self) -> bool {
+        tracing::info!(event = "draining", deadline = ?self.drain, "draining in-flight requests");
+        self.admin.draining.store(true, Ordering::Release);
+        self.data_plane.cancel();
+        let drained = tokio::time::timeout(self.drain, async {
+            for task in self.data_tasks {
+                let _ = task.await;
+            }
+        })
+        .await
+        .is_ok();
+        self.admin_plane.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.admin_task).await;
+        if drained {
+            tracing::info!(event = "stopped", "all requests finished; stopped");
+        } else {
+            tracing::warn!(
+                event = "stopped",
+                "drain deadline passed with requests still in flight; stopped"
+            );
+        }
+        drained
+    }
+}
+
+async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, SidecarError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SidecarError::Bind {
+            listener,
+            addr,
+            source,
+        })
+}
+
+fn local_addr(listener: &'static str, l: &TcpListener) -> Result<SocketAddr, SidecarError> {
+    l.local_addr().map_err(|source| SidecarError::Bind {
+        listener,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
+/// Accepts until `stop`, handing each connection to `serve` with a watcher; then waits
+/// for the watched connections to finish their in-flight requests.
+async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, remote)) => {
+                    tokio::spawn(serve(tcp, remote, graceful.watcher()));
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+async fn serve_outbound(tcp: TcpStream, watcher: Watcher, outbound: Arc<Outbound>) {
+    let _ = tcp.set_nodelay(true);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let svc = service_fn(move |req| outbound.clone().handle(req));
+    let conn = builder
+        .serve_connection(TokioIo::new(tcp), svc)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "outbound connection ended with an error");
+    }
+}
+
+async fn serve_inbound(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    watcher: Watcher,
+    acceptor: TlsAcceptor,
+    trust_domain: Arc<str>,
+    inbound: Arc<Inbound>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(event = "tls_rejected", %remote, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(event = "tls_rejected", %remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    let caller = match peer_identity(tls.get_ref().1, &trust_domain) {
+        Ok(id) => Arc::new(id),
+        Err(e) => {
+            tracing::warn!(event = "tls_rejected", %remote, error = %e, "peer identity rejected");
+            return;
+        }
+    };
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new());
+    proxy::h2_tuning::server(&mut builder);
+    let svc = service_fn(move |req| inbound.clone().handle(req, caller.clone()));
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%remote, error = %e, "inbound connection ended with an error");
+    }
+}
+
+async fn serve_admin(tcp: TcpStream, watcher: Watcher, admin: Arc<Admin>) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new());
+    let svc = service_fn(move |req| admin.clone().handle(req));
+    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+    let _ = watcher.watch(conn).await;
+}

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use seam::Sidecar;
 use seam::config::Config;
-use seam::identity::{CertsInit, init_certs};
+use seam::identity::{CertsInit, Identity, init_certs};
+use seam::logging::{self, LogFormat};
 
 /// Exit status for a configuration that does not validate; distinct from 1 so scripts
 /// can tell "your file is wrong" from "seam failed".
@@ -23,6 +25,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run one sidecar from a YAML configuration file until SIGTERM or Ctrl-C.
+    Run {
+        /// The YAML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Log line format; levels come from RUST_LOG (default info).
+        #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
+        log_format: LogFormat,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -69,6 +80,7 @@ enum CertsCmd {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Run { config, log_format } => run(&config, log_format),
         Command::Config {
             cmd: ConfigCmd::Check { file },
         } => match Config::load(&file) {
@@ -114,4 +126,76 @@ fn certs(cmd: CertsCmd) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
+    logging::init(log_format, "info");
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let identity = match Identity::load(
+        &config.tls.ca,
+        &config.tls.cert,
+        &config.tls.key,
+        &config.trust_domain,
+        &config.service,
+    ) {
+        Ok(i) => i,
+        Err(err) => {
+            eprintln!("seam: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // One worker means a current-thread runtime: no work stealing, no cross-thread
+    // wake-ups, which is what a sidecar pinned to one core wants.
+    let runtime = match config.runtime.worker_threads.map(|n| n.get()) {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("seam: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let sidecar = match Sidecar::start(config, identity).await {
+            Ok(s) => s,
+            Err(err) => {
+                eprintln!("seam: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(err) = shutdown_signal().await {
+            eprintln!("seam: cannot listen for signals: {err}");
+            return ExitCode::FAILURE;
+        }
+        sidecar.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+    }
+    Ok(())
 }

@@ -1,0 +1,280 @@
+//! Binary encoding of HTTP heads and trailers inside sealed Head/Trailers frames.
+//!
+//! ```text
+//! request head:  version u8 | method (u8 len) | path-and-query (u16 len) | authority (u16 len) | headers
+//! response head: version u8 | status u16 | headers
+//! headers:       count u16 | { name (u16 len) | value (u16 len) }*
+//! ```
+//! Everything is length-prefixed big-endian; the decoder checks every length against
+//! what is left and never panics. A head must fit one frame (64 KiB), which is larger
+//! than any sane header block (hyper's default limit is far lower).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode};
+
+const HEAD_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    #[error("sealed head is cut short")]
+    Truncated,
+    #[error("sealed head has {0} unexpected trailing bytes")]
+    TrailingBytes(usize),
+    #[error("sealed head version {0} is not supported; upgrade the older seam")]
+    Version(u8),
+    #[error("sealed head carries an invalid {0}")]
+    Invalid(&'static str),
+    #[error("the request or response head is larger than {max} bytes")]
+    TooLarge { max: usize },
+}
+
+/// A request head as carried between seams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: Method,
+    pub path_and_query: String,
+    pub authority: String,
+    pub headers: HeaderMap,
+}
+
+/// A response head as carried between seams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl RequestHead {
+    pub fn encode(&self, max: usize) -> Result<Bytes, HeadError> {
+        let mut out =
+            BytesMut::with_capacity(64 + self.path_and_query.len() + 32 * self.headers.len());
+        out.put_u8(HEAD_VERSION);
+        put_bytes8(&mut out, self.method.as_str().as_bytes())?;
+        put_bytes16(&mut out, self.path_and_query.as_bytes())?;
+        put_bytes16(&mut out, self.authority.as_bytes())?;
+        put_headers(&mut out, &self.headers)?;
+        check_size(out, max)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, HeadError> {
+        let mut r = Reader(bytes);
+        let version = r.u8()?;
+        if version != HEAD_VERSION {
+            return Err(HeadError::Version(version));
+        }
+        let method = Method::from_bytes(r.bytes8()?).map_err(|_| HeadError::Invalid("method"))?;
+        let path_and_query = utf8(r.bytes16()?, "path")?;
+        if !path_and_query.starts_with('/') && path_and_query != "*" {
+            return Err(HeadError::Invalid("path"));
+        }
+        let authority = utf8(r.bytes16()?, "authority")?;
+        let headers = r.headers()?;
+        r.finish()?;
+        Ok(Self {
+            method,
+            path_and_query,
+            authority,
+            headers,
+        })
+    }
+}
+
+impl ResponseHead {
+    pub fn encode(&self, max: usize) -> Result<Bytes, HeadError> {
+        let mut out = BytesMut::with_capacity(16 + 32 * self.headers.len());
+        out.put_u8(HEAD_VERSION);
+        out.put_u16(self.status.as_u16());
+        put_headers(&mut out, &self.headers)?;
+        check_size(out, max)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, HeadError> {
+        let mut r = Reader(bytes);
+        let version = r.u8()?;
+        if version != HEAD_VERSION {
+            return Err(HeadError::Version(version));
+        }
+        let status = StatusCode::from_u16(r.u16()?).map_err(|_| HeadError::Invalid("status"))?;
+        let headers = r.headers()?;
+        r.finish()?;
+        Ok(Self { status, headers })
+    }
+}
+
+pub fn encode_trailers(trailers: &HeaderMap, max: usize) -> Result<Bytes, HeadError> {
+    let mut out = BytesMut::with_capacity(32 * trailers.len());
+    put_headers(&mut out, trailers)?;
+    check_size(out, max)
+}
+
+pub fn decode_trailers(bytes: &[u8]) -> Result<HeaderMap, HeadError> {
+    let mut r = Reader(bytes);
+    let headers = r.headers()?;
+    r.finish()?;
+    Ok(headers)
+}
+
+fn check_size(out: BytesMut, max: usize) -> Result<Bytes, HeadError> {
+    if out.len() > max {
+        return Err(HeadError::TooLarge { max });
+    }
+    Ok(out.freeze())
+}
+
+fn put_bytes8(out: &mut BytesMut, b: &[u8]) -> Result<(), HeadError> {
+    let len = u8::try_from(b.len()).map_err(|_| HeadError::Invalid("method"))?;
+    out.put_u8(len);
+    out.put_slice(b);
+    Ok(())
+}
+
+fn put_bytes16(out: &mut BytesMut, b: &[u8]) -> Result<(), HeadError> {
+    let len = u16::try_from(b.len()).map_err(|_| HeadError::TooLarge {
+        max: u16::MAX as usize,
+    })?;
+    out.put_u16(len);
+    out.put_slice(b);
+    Ok(())
+}
+
+fn put_headers(out: &mut BytesMut, headers: &HeaderMap) -> Result<(), HeadError> {
+    let count = u16::try_from(headers.len()).map_err(|_| HeadError::TooLarge {
+        max: u16::MAX as usize,
+    })?;
+    out.put_u16(count);
+    for (name, value) in headers {
+        put_bytes16(out, name.as_str().as_bytes())?;
+        put_bytes16(out, value.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn utf8(b: &[u8], what: &'static str) -> Result<String, HeadError> {
+    String::from_utf8(b.to_vec()).map_err(|_| HeadError::Invalid(what))
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], HeadError> {
+        if self.0.len() < n {
+            return Err(HeadError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, HeadError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, HeadError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn bytes8(&mut self) -> Result<&'a [u8], HeadError> {
+        let n = self.u8()? as usize;
+        self.take(n)
+    }
+
+    fn bytes16(&mut self) -> Result<&'a [u8], HeadError> {
+        let n = self.u16()? as usize;
+        self.take(n)
+    }
+
+    fn headers(&mut self) -> Result<HeaderMap, HeadError> {
+        let count = self.u16()? as usize;
+        // Each header takes at least 4 bytes: a lying count cannot make us reserve
+        // more than the input could hold.
+        let mut map = HeaderMap::with_capacity(count.min(self.0.len() / 4));
+        for _ in 0..count {
+            let name = HeaderName::from_bytes(self.bytes16()?)
+                .map_err(|_| HeadError::Invalid("header name"))?;
+            let value = HeaderValue::from_bytes(self.bytes16()?)
+                .map_err(|_| HeadError::Invalid("header value"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+
+    fn finish(&self) -> Result<(), HeadError> {
+        match self.0.len() {
+            0 => Ok(()),
+            n => Err(HeadError::TrailingBytes(n)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_request() -> RequestHead {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        RequestHead {
+            method: Method::POST,
+            path_and_query: "/charge?id=7".into(),
+            authority: "billing".into(),
+            headers,
+        }
+    }
+
+    #[test]
+    fn request_and_response_heads_round_trip() {
+        let req = sample_request();
+        assert_eq!(
+            RequestHead::decode(&req.encode(65536).unwrap()).unwrap(),
+            req
+        );
+        let resp = ResponseHead {
+            status: StatusCode::IM_A_TEAPOT,
+            headers: req.headers.clone(),
+        };
+        assert_eq!(
+            ResponseHead::decode(&resp.encode(65536).unwrap()).unwrap(),
+            resp
+        );
+        assert_eq!(
+            decode_trailers(&encode_trailers(&req.headers, 65536).unwrap()).unwrap(),
+            req.headers
+        );
+    }
+
+    #[test]
+    fn bad_heads_give_typed_errors() {
+        let wire = sample_request().encode(65536).unwrap();
+        assert_eq!(
+            RequestHead::decode(&wire[..wire.len() - 1]),
+            Err(HeadError::Truncated)
+        );
+        let mut longer = wire.to_vec();
+        longer.push(0);
+        assert_eq!(
+            RequestHead::decode(&longer),
+            Err(HeadError::TrailingBytes(1))
+        );
+        let mut v = wire.to_vec();
+        v[0] = 9;
+        assert_eq!(RequestHead::decode(&v), Err(HeadError::Version(9)));
+        assert_eq!(
+            sample_request().encode(10),
+            Err(HeadError::TooLarge { max: 10 })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = RequestHead::decode(&bytes);
+            let _ = ResponseHead::decode(&bytes);
+            let _ = decode_trailers(&bytes);
+        }
+    }
+}

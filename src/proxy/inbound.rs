@@ -1,0 +1,293 @@
+//! The inbound side: requests from peer seams, over mutual TLS, to the local app.
+//!
+//! The caller's identity is the SPIFFE id of its verified client certificate, fixed
+//! per connection. A message must name a session that this caller made; a session
+//! this seam does not know is refused before any of the body is read, so the caller
+//! can make a new session and send again.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::timeout;
+use uuid::Uuid;
+
+use super::body::{OpenedBody, SealedBody};
+use super::head::{RequestHead, ResponseHead};
+use super::headers::{SEAM_ERROR, SEAM_SESSION, header_value, strip_hop_by_hop};
+use super::upstream::Upstream;
+use super::{Failure, HANDSHAKE_PATH, MESSAGE_PATH, failure_response};
+use crate::admin::stats::{Direction, Stats};
+use crate::handshake::{CLIENT_HELLO_LEN, ClientHello, respond};
+use crate::identity::SpiffeId;
+use crate::session::seal::MAX_PAYLOAD;
+use crate::session::{Role, Session, SessionCache, SessionLimits};
+
+pub type UpstreamReply = Either<Incoming, Full<Bytes>>;
+pub type InboundBody = Either<SealedBody<UpstreamReply>, Full<Bytes>>;
+
+pub struct Inbound {
+    local: SpiffeId,
+    service: String,
+    sessions: SessionCache<Uuid>,
+    limits: SessionLimits,
+    upstream: Upstream,
+    request_timeout: Duration,
+    stats: Arc<Stats>,
+}
+
+impl Inbound {
+    pub fn new(
+        local: SpiffeId,
+        sessions: SessionCache<Uuid>,
+        limits: SessionLimits,
+        upstream: Upstream,
+        request_timeout: Duration,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
+            service: local.service().to_owned(),
+            local,
+            sessions,
+            limits,
+            upstream,
+            request_timeout,
+            stats,
+        }
+    }
+
+    pub fn sessions(&self) -> &SessionCache<Uuid> {
+        &self.sessions
+    }
+
+    /// Serves one request from the authenticated `caller`.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        caller: Arc<SpiffeId>,
+    ) -> Result<Response<InboundBody>, Infallible> {
+        let resp = match (req.method(), req.uri().path()) {
+            (&Method::POST, MESSAGE_PATH) => self.message(req, &caller).await,
+            (&Method::POST, HANDSHAKE_PATH) => self.handshake(req, &caller).await,
+            _ => self.refuse(
+                Failure::BadRequest,
+                &format!(
+                    "seam({}): {} {} is not a seam endpoint; only seams talk to this port",
+                    self.service,
+                    req.method(),
+                    req.uri().path()
+                ),
+            ),
+        };
+        Ok(resp)
+    }
+
+    async fn handshake(&self, req: Request<Incoming>, caller: &SpiffeId) -> Response<InboundBody> {
+        let body = match Limited::new(req.into_body(), CLIENT_HELLO_LEN * 2)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return self.refuse(
+                    Failure::BadRequest,
+                    &format!(
+                        "seam({}): handshake from {caller} unreadable: {e}",
+                        self.service
+                    ),
+                );
+            }
+        };
+        let result = ClientHello::decode(&body)
+            .and_then(|hello| respond(&hello, &caller.to_string(), &self.local.to_string()));
+        let (reply, keys) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.sessions
+                    .stats()
+                    .handshakes_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(event = "handshake_failed", peer = %caller, error = %e, "handshake failed");
+                return self.refuse(
+                    Failure::HandshakeFailed,
+                    &format!(
+                        "seam({}): handshake from {caller} rejected: {e}",
+                        self.service
+                    ),
+                );
+            }
+        };
+        self.sessions
+            .stats()
+            .handshakes_ok
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let session = Arc::new(Session::new(
+            keys,
+            Role::Server,
+            caller.service(),
+            self.limits,
+        ));
+        self.sessions.insert(session.id(), session).await;
+        Response::new(Either::Right(Full::new(Bytes::copy_from_slice(
+            &reply.encode(),
+        ))))
+    }
+
+    async fn message(&self, req: Request<Incoming>, caller: &SpiffeId) -> Response<InboundBody> {
+        let id = req
+            .headers()
+            .get(SEAM_SESSION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Uuid::parse_str(v).ok());
+        let Some(id) = id else {
+            return self.refuse(
+                Failure::BadRequest,
+                &format!(
+                    "seam({}): message from {caller} names no valid session",
+                    self.service
+                ),
+            );
+        };
+        let Some(session) = self.sessions.get(&id).await else {
+            return self.refuse(
+                Failure::UnknownSession,
+                &format!("seam({}): session {id} unknown (expired, revoked or lost in a restart); make a new one", self.service),
+            );
+        };
+        if session.peer() != caller.service() {
+            tracing::warn!(event = "session_misuse", session_id = %id, owner = session.peer(), caller = %caller, "session used by another identity");
+            return self.refuse(
+                Failure::Forbidden,
+                &format!(
+                    "seam({}): session {id} does not belong to {caller}",
+                    self.service
+                ),
+            );
+        }
+        let (opener, guard) = session.request_opener();
+        let mut body = OpenedBody::new(req.into_body(), opener, Some(guard));
+        let head = match timeout(self.request_timeout, body.read_head()).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => {
+                session.counters().add_error();
+                tracing::warn!(event = "open_failed", session_id = %id, peer = %caller, error = %e, "sealed request rejected");
+                return self.refuse(
+                    Failure::BadRequest,
+                    &format!(
+                        "seam({}): sealed request from {caller} rejected: {e}",
+                        self.service
+                    ),
+                );
+            }
+            Err(_) => {
+                return self.refuse(
+                    Failure::Timeout,
+                    &format!(
+                        "seam({}): request head from {caller} not received within {:?}",
+                        self.service, self.request_timeout
+                    ),
+                );
+            }
+        };
+        let (Some(seq), Ok(head)) = (body.seq(), RequestHead::decode(&head)) else {
+            session.counters().add_error();
+            return self.refuse(
+                Failure::BadRequest,
+                &format!(
+                    "seam({}): sealed request head from {caller} is malformed",
+                    self.service
+                ),
+            );
+        };
+        let sealer = match session.response_sealer(seq) {
+            Ok(s) => s,
+            Err(e) => {
+                return self.refuse(Failure::BadRequest, &format!("seam({}): {e}", self.service));
+            }
+        };
+        let upstream = timeout(
+            self.request_timeout,
+            self.upstream.send(head, body, caller.service()),
+        )
+        .await;
+        let (resp_head, resp_body) = match upstream {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let head = ResponseHead {
+                    status: parts.status,
+                    headers: parts.headers,
+                };
+                (head, Either::Left(body))
+            }
+            Ok(Err(e)) => self.sealed_failure(
+                Failure::UpstreamUnavailable,
+                format!(
+                    "seam({}): upstream {} unavailable: {e}",
+                    self.service,
+                    self.upstream.url()
+                ),
+            ),
+            Err(_) => self.sealed_failure(
+                Failure::Timeout,
+                format!(
+                    "seam({}): upstream {} did not answer within {:?}",
+                    self.service,
+                    self.upstream.url(),
+                    self.request_timeout
+                ),
+            ),
+        };
+        self.stats
+            .record_status(Direction::Inbound, resp_head.status);
+        let sealed = resp_head
+            .encode(MAX_PAYLOAD)
+            .map_err(|e| e.to_string())
+            .and_then(|h| SealedBody::new(sealer, &h, resp_body, None).map_err(|e| e.to_string()));
+        match sealed {
+            Ok(body) => Response::new(Either::Left(body)),
+            Err(e) => {
+                session.counters().add_error();
+                self.refuse(
+                    Failure::UpstreamUnavailable,
+                    &format!(
+                        "seam({}): the app's response head cannot be sealed: {e}",
+                        self.service
+                    ),
+                )
+            }
+        }
+    }
+
+    /// A failure reported to the calling app through the sealed channel, so it reads
+    /// like any response but says it came from seam.
+    fn sealed_failure(&self, failure: Failure, message: String) -> (ResponseHead, UpstreamReply) {
+        self.stats.record_failure(failure);
+        tracing::warn!(failure = failure.code(), "{message}");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(SEAM_ERROR, header_value(failure.code()));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        let head = ResponseHead {
+            status: failure.status(),
+            headers,
+        };
+        (head, Either::Right(Full::new(Bytes::from(message + "\n"))))
+    }
+
+    /// A plain (unsealed) refusal to the calling seam: there is no usable session to
+    /// seal it with, or the caller must act on it (unknown session).
+    fn refuse(&self, failure: Failure, message: &str) -> Response<InboundBody> {
+        self.stats.record_failure(failure);
+        self.stats
+            .record_status(Direction::Inbound, failure.status());
+        tracing::debug!(failure = failure.code(), "{message}");
+        failure_response(failure, message).map(Either::Right)
+    }
+}

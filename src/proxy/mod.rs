@@ -1,0 +1,144 @@
+//! The data path: outbound (app -> mesh) and inbound (mesh -> app) proxies
+//! (DESIGN §1, §3).
+
+pub mod body;
+pub mod head;
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
+pub mod peer;
+pub mod upstream;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+use headers::SEAM_ERROR;
+
+/// The handshake endpoint on the inbound port (seam to seam only).
+pub const HANDSHAKE_PATH: &str = "/_seam/v1/handshake";
+/// Sealed messages travel as POSTs to this path.
+pub const MESSAGE_PATH: &str = "/_seam/v1/message";
+/// Request bodies at most this large are read before sending, so that a request can
+/// be sent again on a new session when the peer seam lost the first one.
+pub const KEEP_LIMIT: u64 = 64 * 1024;
+
+/// Why seam itself answered a request instead of the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failure {
+    BadRequest,
+    NoTarget,
+    UnknownService,
+    PeerUnreachable,
+    HandshakeFailed,
+    SessionLost,
+    PeerProtocol,
+    UpstreamUnavailable,
+    Timeout,
+    UnknownSession,
+    Forbidden,
+    HeadersTooLarge,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 12] = [
+        Failure::BadRequest,
+        Failure::NoTarget,
+        Failure::UnknownService,
+        Failure::PeerUnreachable,
+        Failure::HandshakeFailed,
+        Failure::SessionLost,
+        Failure::PeerProtocol,
+        Failure::UpstreamUnavailable,
+        Failure::Timeout,
+        Failure::UnknownSession,
+        Failure::Forbidden,
+        Failure::HeadersTooLarge,
+    ];
+
+    /// The `seam-error` header value.
+    pub fn code(self) -> &'static str {
+        match self {
+            Failure::BadRequest => "bad-request",
+            Failure::NoTarget => "no-target",
+            Failure::UnknownService => "unknown-service",
+            Failure::PeerUnreachable => "peer-unreachable",
+            Failure::HandshakeFailed => "handshake-failed",
+            Failure::SessionLost => "session-lost",
+            Failure::PeerProtocol => "peer-protocol",
+            Failure::UpstreamUnavailable => "upstream-unavailable",
+            Failure::Timeout => "timeout",
+            Failure::UnknownSession => "unknown-session",
+            Failure::Forbidden => "forbidden",
+            Failure::HeadersTooLarge => "headers-too-large",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Failure::BadRequest | Failure::NoTarget => StatusCode::BAD_REQUEST,
+            Failure::UnknownService => StatusCode::NOT_FOUND,
+            Failure::PeerUnreachable
+            | Failure::HandshakeFailed
+            | Failure::SessionLost
+            | Failure::PeerProtocol
+            | Failure::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            // Distinct from anything an app would answer, and never retried blindly
+            // by HTTP clients: only seams act on it.
+            Failure::UnknownSession => StatusCode::GONE,
+            Failure::Forbidden => StatusCode::FORBIDDEN,
+            Failure::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Failure::ALL.iter().position(|f| *f == self).unwrap_or(0)
+    }
+}
+
+/// A reply made by seam: the status, `seam-error`, and a one-line text body that says
+/// what failed and where.
+pub fn failure_response(failure: Failure, message: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
+    *resp.status_mut() = failure.status();
+    let headers = resp.headers_mut();
+    headers.insert(SEAM_ERROR, http::HeaderValue::from_static(failure.code()));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// HTTP/2 settings shared by both ends of the mesh hop. Large windows let a 1 MiB
+/// body cross in one round trip instead of stalling on the 64 KiB default.
+pub mod h2_tuning {
+    use hyper_util::rt::TokioExecutor;
+
+    pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+    pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+    pub const MAX_FRAME: u32 = 64 * 1024;
+
+    pub fn client(b: &mut hyper::client::conn::http2::Builder<TokioExecutor>) {
+        b.initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .adaptive_window(false);
+    }
+
+    pub fn server(b: &mut hyper::server::conn::http2::Builder<TokioExecutor>) {
+        b.initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .adaptive_window(false);
+    }
+
+    pub fn legacy_client(b: &mut hyper_util::client::legacy::Builder) {
+        b.http2_initial_stream_window_size(STREAM_WINDOW)
+            .http2_initial_connection_window_size(CONNECTION_WINDOW)
+            .http2_max_frame_size(MAX_FRAME)
+            .http2_adaptive_window(false);
+    }
+}

@@ -1,0 +1,324 @@
+//! The outbound side: plain HTTP from the local app, sealed to the peer's seam.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::timeout;
+
+use super::body::{KeptBody, OpenedBody, SealedBody};
+use super::head::{HeadError, RequestHead, ResponseHead};
+use super::headers::{
+    SEAM_ERROR, SEAM_SESSION, request_authority, strip_hop_by_hop, strip_seam_headers,
+    target_service,
+};
+use super::peer::{AppBody, PeerError, PeerPool};
+use super::{Failure, KEEP_LIMIT, MESSAGE_PATH, failure_response};
+use crate::admin::stats::{Direction, Stats};
+use crate::session::seal::MAX_PAYLOAD;
+use crate::session::{SessionCache, SessionLimits};
+
+pub type OutboundBody = Either<OpenedBody<Incoming>, Full<Bytes>>;
+
+pub struct Outbound {
+    service: String,
+    peers: PeerPool,
+    sessions: SessionCache<String>,
+    limits: SessionLimits,
+    request_timeout: Duration,
+    stats: Arc<Stats>,
+}
+
+/// The app's request body: read whole when small (so it can be sent again), else
+/// streamed once.
+enum RequestBody {
+    Kept(KeptBody),
+    Streaming(Option<Incoming>),
+}
+
+impl Outbound {
+    pub fn new(
+        service: String,
+        peers: PeerPool,
+        sessions: SessionCache<String>,
+        limits: SessionLimits,
+        request_timeout: Duration,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
+            service,
+            peers,
+            sessions,
+            limits,
+            request_timeout,
+            stats,
+        }
+    }
+
+    pub fn sessions(&self) -> &SessionCache<String> {
+        &self.sessions
+    }
+
+    /// Serves one request from the local app.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<OutboundBody>, Infallible> {
+        let target = target_service(&req);
+        let resp = match timeout(self.request_timeout, self.forward(req, target.as_deref())).await {
+            Ok(resp) => resp,
+            Err(_) => self.fail(
+                Failure::Timeout,
+                format!(
+                    "seam({}): no response from {} within {:?}",
+                    self.service,
+                    target.as_deref().unwrap_or("?"),
+                    self.request_timeout
+                ),
+            ),
+        };
+        self.stats.record_status(Direction::Outbound, resp.status());
+        Ok(resp)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        target: Option<&str>,
+    ) -> Response<OutboundBody> {
+        let Some(service) = target else {
+            return self.fail(
+                Failure::NoTarget,
+                format!("seam({}): the request names no service; send it with `Host: <service>` or as an absolute URI", self.service),
+            );
+        };
+        if !self.peers.knows(service) {
+            return self.fail(
+                Failure::UnknownService,
+                format!(
+                    "seam({}): unknown service '{service}'; add it under `peers:` in the config",
+                    self.service
+                ),
+            );
+        }
+        let authority = request_authority(&req);
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        strip_seam_headers(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        let head = RequestHead {
+            method: parts.method,
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            authority,
+            headers: parts.headers,
+        };
+        let head = match head.encode(MAX_PAYLOAD) {
+            Ok(h) => h,
+            Err(HeadError::TooLarge { max }) => {
+                return self.fail(
+                    Failure::HeadersTooLarge,
+                    format!("seam({}): request head exceeds {max} bytes", self.service),
+                );
+            }
+            Err(e) => {
+                return self.fail(Failure::BadRequest, format!("seam({}): {e}", self.service));
+            }
+        };
+        let mut body = match keep_if_small(body).await {
+            Ok(b) => b,
+            Err(e) => {
+                return self.fail(
+                    Failure::BadRequest,
+                    format!(
+                        "seam({}): reading the request body failed: {e}",
+                        self.service
+                    ),
+                );
+            }
+        };
+        // At most two attempts: the second only after the peer said it lost our
+        // session, and only with a body we still hold.
+        for attempt in 0..2 {
+            let session = match self
+                .sessions
+                .get_or_handshake(&service.to_owned(), || {
+                    self.peers.handshake(service, self.limits)
+                })
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => return self.peer_failure(service, e),
+            };
+            let (sealer, guard) = match session.begin_request() {
+                Ok(x) => x,
+                // Raced with the last message of the session's budget: the next
+                // lookup rekeys.
+                Err(_) if attempt == 0 => continue,
+                Err(e) => {
+                    return self.fail(Failure::SessionLost, format!("seam({}): {e}", self.service));
+                }
+            };
+            let seq = sealer.seq();
+            let app_body: AppBody = match &mut body {
+                RequestBody::Kept(k) => Either::Right(k.clone()),
+                RequestBody::Streaming(s) => match s.take() {
+                    Some(b) => Either::Left(b),
+                    None => {
+                        return self.fail(
+                            Failure::SessionLost,
+                            format!("seam({}): {service} lost the session while the request body was streaming; it cannot be sent again, retry the request", self.service),
+                        );
+                    }
+                },
+            };
+            let sealed = match SealedBody::new(sealer, &head, app_body, Some(guard)) {
+                Ok(b) => b,
+                Err(e) => {
+                    return self.fail(Failure::BadRequest, format!("seam({}): {e}", self.service));
+                }
+            };
+            let outer = Request::post(MESSAGE_PATH)
+                .header(SEAM_SESSION, session.id().to_string())
+                .body(Either::Left(sealed));
+            let outer = match outer {
+                Ok(r) => r,
+                Err(e) => {
+                    return self.fail(Failure::BadRequest, format!("seam({}): {e}", self.service));
+                }
+            };
+            let resp = match self.peers.send(service, outer).await {
+                Ok(r) => r,
+                Err(e) => {
+                    session.counters().add_error();
+                    return self.peer_failure(service, e);
+                }
+            };
+            let seam_error = resp.headers().get(SEAM_ERROR).cloned();
+            match resp.status() {
+                StatusCode::OK => {
+                    return self
+                        .open_response(service, resp, session.response_opener(seq))
+                        .await;
+                }
+                StatusCode::GONE
+                    if seam_error
+                        .as_ref()
+                        .is_some_and(|v| v == Failure::UnknownSession.code()) =>
+                {
+                    tracing::info!(peer = service, session_id = %session.id(), "peer lost the session; making a new one");
+                    self.sessions.forget(&service.to_owned(), &session).await;
+                    if matches!(body, RequestBody::Kept(_)) && attempt == 0 {
+                        self.stats.record_retry();
+                        continue;
+                    }
+                }
+                StatusCode::TOO_MANY_REQUESTS => return passthrough(resp).await,
+                status => {
+                    session.counters().add_error();
+                    let text = read_text(resp).await;
+                    return self.fail(
+                        Failure::PeerProtocol,
+                        format!("seam({}): peer seam {service} refused the request ({status} {}): {text}", self.service, seam_error.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("")),
+                    );
+                }
+            }
+        }
+        self.fail(
+            Failure::SessionLost,
+            format!(
+                "seam({}): {service} lost the session again after a retry",
+                self.service
+            ),
+        )
+    }
+
+    async fn open_response(
+        &self,
+        service: &str,
+        resp: Response<Incoming>,
+        opener: crate::session::seal::MessageOpener,
+    ) -> Response<OutboundBody> {
+        let mut opened = OpenedBody::new(resp.into_body(), opener, None);
+        let head = match opened
+            .read_head()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|h| ResponseHead::decode(&h).map_err(|e| e.to_string()))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                return self.fail(
+                    Failure::PeerProtocol,
+                    format!(
+                        "seam({}): the sealed response from {service} was rejected: {e}",
+                        self.service
+                    ),
+                );
+            }
+        };
+        let mut resp = Response::new(Either::Left(opened));
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        strip_hop_by_hop(resp.headers_mut());
+        resp
+    }
+
+    fn peer_failure(&self, service: &str, e: PeerError) -> Response<OutboundBody> {
+        let failure = match e {
+            PeerError::Handshake { .. } | PeerError::Crypto(_) => Failure::HandshakeFailed,
+            _ => Failure::PeerUnreachable,
+        };
+        self.fail(failure, format!("seam({}): {service}: {e}", self.service))
+    }
+
+    fn fail(&self, failure: Failure, message: String) -> Response<OutboundBody> {
+        self.stats.record_failure(failure);
+        tracing::warn!(failure = failure.code(), "{message}");
+        failure_response(failure, &message).map(Either::Right)
+    }
+}
+
+/// Reads a body of known small size (or an already finished one) so it can be sent
+/// twice; anything else streams.
+async fn keep_if_small(body: Incoming) -> Result<RequestBody, hyper::Error> {
+    let small = body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= KEEP_LIMIT);
+    if !small {
+        return Ok(RequestBody::Streaming(Some(body)));
+    }
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned();
+    Ok(RequestBody::Kept(KeptBody::new(
+        collected.to_bytes(),
+        trailers,
+    )))
+}
+
+/// A peer seam's own refusal (429) goes to the app as it came.
+async fn passthrough(resp: Response<Incoming>) -> Response<OutboundBody> {
+    let (parts, body) = resp.into_parts();
+    let bytes = Limited::new(body, 4096)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Response::from_parts(parts, Either::Right(Full::new(bytes)))
+}
+
+async fn read_text(resp: Response<Incoming>) -> String {
+    let bytes = Limited::new(resp.into_body(), 1024)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).trim().to_owned()
+}

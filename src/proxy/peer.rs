@@ -1,0 +1,309 @@
+//! Connections to peer seams: HTTP/2 over mutual TLS, pooled per endpoint.
+//!
+//! Each endpoint of a peer service keeps one multiplexed HTTP/2 connection, made on
+//! first use and remade when it closes. Requests rotate over the endpoints; an
+//! endpoint that failed to connect is skipped for a short back-off so one dead
+//! replica does not cost every request a connect timeout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_rustls::TlsConnector;
+
+use super::body::{KeptBody, SealedBody};
+use super::headers::SEAM_ERROR;
+use super::{HANDSHAKE_PATH, h2_tuning};
+use crate::handshake::{ClientHandshake, HandshakeError, ServerHello};
+use crate::identity::{Identity, IdentityError, SpiffeId};
+use crate::session::{Role, Session, SessionLimits};
+
+/// What the outbound side sends: a sealed app body (streamed or kept), or a
+/// handshake message.
+pub type AppBody = Either<Incoming, KeptBody>;
+pub type PeerBody = Either<SealedBody<AppBody>, Full<Bytes>>;
+
+/// How long a failed endpoint is skipped before it is tried again.
+const ENDPOINT_BACKOFF: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no endpoint of {peer} could be reached: {attempts}")]
+    Unreachable { peer: String, attempts: String },
+    #[error("request to {peer} at {addr} failed: {source}")]
+    Request {
+        peer: String,
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("session handshake with {peer} failed: {reason}")]
+    Handshake { peer: String, reason: String },
+    #[error(transparent)]
+    Crypto(#[from] HandshakeError),
+}
+
+pub struct PeerPool {
+    local: SpiffeId,
+    peers: HashMap<String, Peer>,
+    connect_timeout: Duration,
+}
+
+struct Peer {
+    id: SpiffeId,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+}
+
+struct Endpoint {
+    addr: SocketAddr,
+    conn: tokio::sync::Mutex<Option<SendRequest<PeerBody>>>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl PeerPool {
+    pub fn new(
+        identity: &Identity,
+        peers: &BTreeMap<String, Vec<SocketAddr>>,
+        connect_timeout: Duration,
+    ) -> Result<Self, IdentityError> {
+        let local = identity.spiffe_id().clone();
+        let mut map = HashMap::new();
+        for (name, addrs) in peers {
+            let id = SpiffeId::new(local.trust_domain(), name)?;
+            let peer = Peer {
+                connector: TlsConnector::from(identity.client_config(name)?),
+                server_name: id.server_name()?,
+                id,
+                endpoints: addrs
+                    .iter()
+                    .map(|&addr| Endpoint {
+                        addr,
+                        conn: tokio::sync::Mutex::new(None),
+                        down_until: Mutex::new(None),
+                    })
+                    .collect(),
+                next: AtomicUsize::new(0),
+            };
+            map.insert(name.clone(), peer);
+        }
+        Ok(Self {
+            local,
+            peers: map,
+            connect_timeout,
+        })
+    }
+
+    pub fn knows(&self, service: &str) -> bool {
+        self.peers.contains_key(service)
+    }
+
+    /// Sends `req` to one endpoint of `service`. A request that never left (the
+    /// pooled connection had closed) is sent again on a fresh connection.
+    pub async fn send(
+        &self,
+        service: &str,
+        mut req: Request<PeerBody>,
+    ) -> Result<Response<Incoming>, PeerError> {
+        let peer = self
+            .peers
+            .get(service)
+            .ok_or_else(|| PeerError::Unreachable {
+                peer: service.to_owned(),
+                attempts: "not a configured peer".into(),
+            })?;
+        let uri = Uri::builder()
+            .scheme("https")
+            .authority(format!("{}.{}", peer.id.service(), peer.id.trust_domain()))
+            .path_and_query(req.uri().path_and_query().map_or("/", |p| p.as_str()))
+            .build()
+            .map_err(|e| PeerError::Handshake {
+                peer: service.to_owned(),
+                reason: e.to_string(),
+            })?;
+        *req.uri_mut() = uri;
+        let mut last_error = None;
+        for _ in 0..=peer.endpoints.len() {
+            let (endpoint, mut conn) = self.connection(service, peer).await?;
+            match conn.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    let message = e.take_message();
+                    let source = e.into_error();
+                    match message {
+                        Some(unsent) => {
+                            endpoint.conn.lock().await.take();
+                            req = unsent;
+                            last_error = Some((endpoint.addr, source));
+                        }
+                        None => {
+                            return Err(PeerError::Request {
+                                peer: service.to_owned(),
+                                addr: endpoint.addr,
+                                source,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Err(match last_error {
+            Some((addr, source)) => PeerError::Request {
+                peer: service.to_owned(),
+                addr,
+                source,
+            },
+            None => PeerError::Unreachable {
+                peer: service.to_owned(),
+                attempts: "no endpoint accepted the request".into(),
+            },
+        })
+    }
+
+    /// Runs the session handshake with `service` over its pooled connection.
+    pub async fn handshake(
+        &self,
+        service: &str,
+        limits: SessionLimits,
+    ) -> Result<Session, PeerError> {
+        let fail = |reason: String| PeerError::Handshake {
+            peer: service.to_owned(),
+            reason,
+        };
+        let peer = self
+            .peers
+            .get(service)
+            .ok_or_else(|| fail("not a configured peer".into()))?;
+        let (state, hello) = ClientHandshake::start(&self.local.to_string(), &peer.id.to_string())?;
+        let req = Request::post(HANDSHAKE_PATH)
+            .body(Either::Right(Full::new(Bytes::copy_from_slice(
+                &hello.encode(),
+            ))))
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = self.send(service, req).await?;
+        let status = resp.status();
+        let seam_error = resp
+            .headers()
+            .get(SEAM_ERROR)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = Limited::new(resp.into_body(), 4096)
+            .collect()
+            .await
+            .map_err(|e| fail(format!("reading the reply failed: {e}")))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(fail(format!(
+                "peer answered {status} {seam_error}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
+        }
+        let reply = ServerHello::decode(&body)?;
+        let keys = state.finish(&reply)?;
+        Ok(Session::new(keys, Role::Client, service, limits))
+    }
+
+    /// The live connection of the next usable endpoint, connecting if needed.
+    async fn connection<'p>(
+        &self,
+        service: &str,
+        peer: &'p Peer,
+    ) -> Result<(&'p Endpoint, SendRequest<PeerBody>), PeerError> {
+        let n = peer.endpoints.len();
+        let start = peer.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let is_down = |e: &Endpoint| {
+            e.down_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|until| until > now)
+        };
+        // Endpoints in rotation order, the ones in back-off last: if all are down
+        // we still try them rather than fail without trying.
+        let mut order: Vec<&Endpoint> = (0..n).map(|i| &peer.endpoints[(start + i) % n]).collect();
+        order.sort_by_key(|e| is_down(e));
+        let mut attempts = Vec::new();
+        for endpoint in order {
+            let mut slot = endpoint.conn.lock().await;
+            if let Some(conn) = slot.as_ref()
+                && !conn.is_closed()
+            {
+                return Ok((endpoint, conn.clone()));
+            }
+            match self.connect(peer, endpoint.addr).await {
+                Ok(conn) => {
+                    *endpoint
+                        .down_until
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = None;
+                    *slot = Some(conn.clone());
+                    return Ok((endpoint, conn));
+                }
+                Err(reason) => {
+                    tracing::warn!(peer = service, addr = %endpoint.addr, %reason, "peer endpoint unreachable");
+                    *endpoint
+                        .down_until
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) =
+                        Some(Instant::now() + ENDPOINT_BACKOFF);
+                    *slot = None;
+                    attempts.push(format!("{}: {reason}", endpoint.addr));
+                }
+            }
+        }
+        Err(PeerError::Unreachable {
+            peer: service.to_owned(),
+            attempts: attempts.join("; "),
+        })
+    }
+
+    async fn connect(
+        &self,
+        peer: &Peer,
+        addr: SocketAddr,
+    ) -> Result<SendRequest<PeerBody>, String> {
+        let attempt = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            // Small sealed frames must not wait for Nagle.
+            tcp.set_nodelay(true).map_err(|e| format!("connect: {e}"))?;
+            let tls = peer
+                .connector
+                .connect(peer.server_name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder.timer(TokioTimer::new());
+            h2_tuning::client(&mut builder);
+            let (send, conn) = builder
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("HTTP/2: {e}"))?;
+            let addr_for_log = addr;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(addr = %addr_for_log, error = %e, "peer connection closed");
+                }
+            });
+            Ok(send)
+        };
+        match timeout(self.connect_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("timed out after {:?}", self.connect_timeout)),
+        }
+    }
+}
