@@ -44,6 +44,8 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 const DEV_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// The latest instant an X.509 GeneralizedTime (and humantime) can express: 9999-12-31T23:59:59Z.
 const MAX_X509_SECS: i64 = 253_402_300_799;
+/// 253 (longest DNS name) - 64 (longest label plus its dot), so that
+/// `<service>.<trust_domain>` is always a valid DNS name for SNI.
 const MAX_TRUST_DOMAIN_LEN: usize = 189;
 
 /// Everything that can go wrong with identities. Messages name the file and say what to do.
@@ -191,6 +193,19 @@ struct CertFacts {
     not_before: i64,
     not_after: i64,
     spiffe_uris: Vec<String>,
+}
+
+/// Names used for the three inputs in error messages.
+struct Labels {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+#[derive(Clone, Copy)]
+enum FileKind {
+    Public,
+    Secret,
 }
 
 impl SpiffeId {
@@ -743,19 +758,6 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
-/// Names used for the three inputs in error messages.
-struct Labels {
-    ca: String,
-    cert: String,
-    key: String,
-}
-
-#[derive(Clone, Copy)]
-enum FileKind {
-    Public,
-    Secret,
-}
-
 /// aws-lc-rs with only the key exchanges DESIGN §2 allows, hybrid post-quantum first.
 fn mesh_provider() -> CryptoProvider {
     CryptoProvider {
@@ -995,8 +997,6 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// 189 = 253 (longest DNS name) - 64 (longest label plus its dot), so that
-/// `<service>.<trust_domain>` is always a valid DNS name for SNI.
 fn is_dns_name(s: &str) -> bool {
     (1..=MAX_TRUST_DOMAIN_LEN).contains(&s.len()) && s.split('.').all(is_dns_label)
 }
