@@ -44,13 +44,16 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 const DEV_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// The latest instant an X.509 GeneralizedTime (and humantime) can express: 9999-12-31T23:59:59Z.
 const MAX_X509_SECS: i64 = 253_402_300_799;
+/// 253 (longest DNS name) - 64 (longest label plus its dot), so that
+/// `<service>.<trust_domain>` is always a valid DNS name for SNI.
+const MAX_TRUST_DOMAIN_LEN: usize = 189;
 
 /// Everything that can go wrong with identities. Messages name the file and say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error(
-        "invalid trust domain {0:?}: use a lowercase DNS name such as mesh.local \
-         (letters, digits and '-', labels separated by '.')"
+        "invalid trust domain {0:?}: use a lowercase DNS name of at most 189 characters such \
+         as mesh.local (letters, digits and '-', labels separated by '.')"
     )]
     InvalidTrustDomain(String),
     #[error(
@@ -192,6 +195,19 @@ struct CertFacts {
     spiffe_uris: Vec<String>,
 }
 
+/// Names used for the three inputs in error messages.
+struct Labels {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+#[derive(Clone, Copy)]
+enum FileKind {
+    Public,
+    Secret,
+}
+
 impl SpiffeId {
     /// Validates the trust domain as a lowercase DNS name and the service as a DNS label.
     pub fn new(trust_domain: &str, service: &str) -> Result<Self, IdentityError> {
@@ -225,7 +241,10 @@ impl SpiffeId {
         if !is_dns_label(service) {
             return Err(invalid("the path is not a single lowercase DNS label"));
         }
-        Self::new(trust_domain, service)
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            service: service.to_owned(),
+        })
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -239,12 +258,8 @@ impl SpiffeId {
     /// `<service>.<trust_domain>`, the SNI a client sends; verification ignores it and checks the
     /// SPIFFE ID instead, so it only needs to be a stable, valid DNS name.
     pub fn server_name(&self) -> Result<ServerName<'static>, IdentityError> {
-        ServerName::try_from(format!("{}.{}", self.service, self.trust_domain)).map_err(|_| {
-            IdentityError::InvalidTrustDomain(format!(
-                "{} (too long to prefix with the service name {})",
-                self.trust_domain, self.service
-            ))
-        })
+        ServerName::try_from(format!("{}.{}", self.service, self.trust_domain))
+            .map_err(|_| IdentityError::InvalidTrustDomain(self.trust_domain.clone()))
     }
 }
 
@@ -743,19 +758,6 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
-/// Names used for the three inputs in error messages.
-struct Labels {
-    ca: String,
-    cert: String,
-    key: String,
-}
-
-#[derive(Clone, Copy)]
-enum FileKind {
-    Public,
-    Secret,
-}
-
 /// aws-lc-rs with only the key exchanges DESIGN §2 allows, hybrid post-quantum first.
 fn mesh_provider() -> CryptoProvider {
     CryptoProvider {
@@ -996,7 +998,7 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 fn is_dns_name(s: &str) -> bool {
-    (1..=253).contains(&s.len()) && s.split('.').all(is_dns_label)
+    (1..=MAX_TRUST_DOMAIN_LEN).contains(&s.len()) && s.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]
@@ -1067,6 +1069,14 @@ mod tests {
             id.server_name().unwrap(),
             ServerName::try_from("billing.mesh.local").unwrap()
         );
+        let longest_td = ["a".repeat(63), "b".repeat(63), "c".repeat(61)].join(".");
+        assert_eq!(longest_td.len(), MAX_TRUST_DOMAIN_LEN);
+        let longest = SpiffeId::new(&longest_td, &"s".repeat(63)).unwrap();
+        assert!(longest.server_name().is_ok());
+        assert!(matches!(
+            SpiffeId::new(&format!("{longest_td}a"), "orders"),
+            Err(IdentityError::InvalidTrustDomain(_))
+        ));
     }
 
     #[test]
