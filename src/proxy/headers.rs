@@ -16,13 +16,15 @@ pub const SEAM_SESSION: HeaderName = HeaderName::from_static("seam-session");
 /// On a reply made by seam itself: a short machine-readable cause.
 pub const SEAM_ERROR: HeaderName = HeaderName::from_static("seam-error");
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+// `Trailer` is not here: RFC 9110 made it end-to-end (RFC 2616 listed it), and an
+// HTTP/1.1 hop only sends the trailer fields it declares, so dropping it would drop
+// gRPC's grpc-status over HTTP/1.1 legs.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];

@@ -1,0 +1,421 @@
+//! app -> seam -> seam -> app over real sockets and real mutual TLS, in-process seams
+//! on port 0.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use seam::config::UpstreamProtocol;
+use seam::proxy::Failure;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+async fn sha_through(mesh: &Mesh, h2: bool, data: Vec<u8>) -> String {
+    let client = if h2 { mesh.h2c() } else { mesh.h1() };
+    let resp = client
+        .request(mesh.to_billing("POST", "/sha256", body(data)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, b) = read_all(resp).await;
+    String::from_utf8(b.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn bodies_cross_byte_exact_over_http1_and_h2c() {
+    let mesh = Mesh::start().await;
+    for h2 in [false, true] {
+        for size in [0usize, 1024, 10 * 1024 * 1024] {
+            let data = pattern(size);
+            let expected = format!("{size} {}", sha256_hex(&data));
+            assert_eq!(sha_through(&mesh, h2, data).await, expected, "h2={h2} size={size}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn downloads_cross_byte_exact_over_http1_and_h2c() {
+    let mesh = Mesh::start().await;
+    for h2 in [false, true] {
+        for size in [0usize, 1024, 10 * 1024 * 1024] {
+            let client = if h2 { mesh.h2c() } else { mesh.h1() };
+            let resp = client
+                .request(mesh.to_billing("GET", &format!("/bytes/{size}"), empty()))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["content-length"], size.to_string());
+            let (_, b) = read_all(resp).await;
+            assert_eq!(sha256_hex(&b), sha256_hex(&pattern(size)), "h2={h2} size={size}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn streamed_upload_and_download_with_unknown_length() {
+    let mesh = Mesh::start().await;
+    // Upload: chunks fed one at a time, no content-length, never all in memory here.
+    let (tx, rx) = mpsc::channel::<Bytes>(2);
+    const CHUNKS: u64 = 256;
+    const CHUNK: u64 = 64 * 1024;
+    let feeder = tokio::spawn(async move {
+        let mut h = sha2::Sha256::default();
+        for c in 0..CHUNKS {
+            let chunk: Vec<u8> = (c * CHUNK..(c + 1) * CHUNK).map(pattern_byte).collect();
+            sha2::Digest::update(&mut h, &chunk);
+            tx.send(Bytes::from(chunk)).await.unwrap();
+        }
+        hex(&sha2::Digest::finalize(h))
+    });
+    let resp = mesh
+        .h2c()
+        .request(mesh.to_billing("POST", "/sha256", ChannelBody(rx).boxed()))
+        .await
+        .unwrap();
+    let (_, b) = read_all(resp).await;
+    let expected = format!("{} {}", CHUNKS * CHUNK, feeder.await.unwrap());
+    assert_eq!(String::from_utf8_lossy(&b), expected);
+
+    // Download: the app sends chunks only as the test feeds them; each arrives at the
+    // caller before the next is produced, so the stream really streams.
+    let client = mesh.h1();
+    let req = mesh.to_billing("GET", "/stream", empty());
+    let pending = tokio::spawn(async move { client.request(req).await.unwrap() });
+    let feed = mesh.app.next_stream().await;
+    feed.send(Bytes::from_static(b"first")).await.unwrap();
+    let mut resp = pending.await.unwrap();
+    let first = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first");
+    feed.send(Bytes::from_static(b"second")).await.unwrap();
+    let second = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&second[..], b"second");
+    drop(feed);
+    assert!(resp.body_mut().frame().await.is_none());
+}
+
+#[tokio::test]
+async fn status_headers_and_caller_identity_are_preserved() {
+    let mesh = Mesh::start().await;
+    let resp = mesh
+        .h1()
+        .request(mesh.to_billing("GET", "/status/418", empty()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 418);
+    assert_eq!(resp.headers()["x-custom"], "kept");
+    assert!(resp.headers().get("seam-error").is_none());
+
+    let mut req = mesh.to_billing("GET", "/headers?q=1", empty());
+    let h = req.headers_mut();
+    h.insert("x-trace", "abc".parse().unwrap());
+    // An app must not be able to claim an identity, nor pass hop-by-hop headers.
+    h.insert("seam-caller", "admin".parse().unwrap());
+    h.insert("connection", "x-secret".parse().unwrap());
+    h.insert("x-secret", "hop".parse().unwrap());
+    h.insert("upgrade", "h2c".parse().unwrap());
+    let resp = mesh.h1().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-app"], "billing");
+    let (_, b) = read_all(resp).await;
+    let seen: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(seen["path"], "/headers?q=1");
+    assert_eq!(seen["headers"]["seam-caller"], serde_json::json!(["orders"]));
+    assert_eq!(seen["headers"]["x-trace"], serde_json::json!(["abc"]));
+    assert_eq!(seen["headers"]["host"], serde_json::json!(["billing"]));
+    for gone in ["x-secret", "upgrade", "connection", "seam-session"] {
+        assert!(seen["headers"].get(gone).is_none(), "{gone} leaked: {seen}");
+    }
+}
+
+#[tokio::test]
+async fn absolute_form_requests_route_like_http_proxy_clients() {
+    let mesh = Mesh::start().await;
+    // What curl sends with HTTP_PROXY set: absolute-form URI to the proxy.
+    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr()).await.unwrap();
+    tcp.write_all(b"GET http://billing/headers HTTP/1.1\r\nHost: billing\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"seam-caller\":[\"orders\"]"), "{text}");
+}
+
+#[tokio::test]
+async fn trailers_pass_through_for_http1_and_h2c_upstreams() {
+    for upstream in [UpstreamProtocol::Http1, UpstreamProtocol::H2c] {
+        let mesh = Mesh::start_with(|_| {}, |b| b.upstream.protocol = upstream).await;
+        let mut req = mesh.to_billing("GET", "/trailers", empty());
+        // gRPC clients announce that they accept trailers; HTTP/1.1 apps only send
+        // trailers to callers that did.
+        req.headers_mut().insert("te", "trailers".parse().unwrap());
+        let mut resp = mesh.h2c().request(req).await.unwrap();
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = resp.body_mut().frame().await {
+            let frame = frame.unwrap();
+            match frame.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        assert_eq!(data, b"with trailers", "{upstream:?}");
+        let trailers = trailers.unwrap_or_else(|| panic!("no trailers via {upstream:?}"));
+        assert_eq!(trailers["x-checksum"], "abc123");
+        assert_eq!(trailers["grpc-status"], "0");
+    }
+}
+
+/// A TCP relay that records every byte crossing between the two seams.
+async fn tap(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = TcpStream::connect(target).await.unwrap();
+            let (ir, iw) = inbound.into_split();
+            let (or, ow) = outbound.into_split();
+            tokio::spawn(pipe(ir, ow, record.clone()));
+            tokio::spawn(pipe(or, iw, record.clone()));
+        }
+    });
+    (addr, seen)
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    record: Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    let mut buf = vec![0u8; 16384];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        record.lock().unwrap().extend_from_slice(&buf[..n]);
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_link_between_seams_never_carries_plaintext() {
+    let ca = seam::identity::DevCa::new(TRUST_DOMAIN).unwrap();
+    let app = App::start().await;
+    let billing = seam::Sidecar::start(
+        config("billing", &app.url(), Default::default()),
+        identity(&ca, "billing"),
+    )
+    .await
+    .unwrap();
+    let (tap_addr, seen) = tap(billing.inbound_addr()).await;
+    let orders = seam::Sidecar::start(
+        config("orders", "http://127.0.0.1:9", peers("billing", &[tap_addr])),
+        identity(&ca, "orders"),
+    )
+    .await
+    .unwrap();
+    let marker = "PLAINTEXT-MARKER-7f3a9c";
+    let client = client_via(orders.outbound_addr(), false);
+    for path in ["/sha256", "/echo"] {
+        let req = http::Request::post(format!("http://billing{path}?{marker}"))
+            .header("x-marker", marker)
+            .body(body(format!("{marker} in the body {marker}")))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let (_, b) = read_all(resp).await;
+        if path == "/echo" {
+            assert!(String::from_utf8_lossy(&b).contains(marker), "echo came back");
+        }
+    }
+    let captured = seen.lock().unwrap().clone();
+    assert!(captured.len() > 1000, "the tap saw the traffic ({} bytes)", captured.len());
+    assert!(
+        !captured.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "plaintext marker visible on the inter-seam link"
+    );
+}
+
+#[tokio::test]
+async fn one_handshake_for_many_sequential_and_concurrent_requests() {
+    let mesh = Mesh::start().await;
+    let client = mesh.h1();
+    for _ in 0..1000 {
+        let resp = client.request(mesh.to_billing("GET", "/status/200", empty())).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        read_all(resp).await;
+    }
+    let h2 = mesh.h2c();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let req = mesh.to_billing("GET", "/status/204", empty());
+        let h2 = h2.clone();
+        tasks.push(tokio::spawn(async move { h2.request(req).await.unwrap().status() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 204);
+    }
+    assert_eq!(mesh.orders.client_sessions().stats().snapshot().handshakes_ok, 1);
+    assert_eq!(mesh.billing.server_sessions().stats().snapshot().handshakes_ok, 1);
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_coalesce_into_one_handshake() {
+    let mesh = Mesh::start().await;
+    let h2 = mesh.h2c();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let req = mesh.to_billing("GET", "/status/200", empty());
+        let h2 = h2.clone();
+        tasks.push(tokio::spawn(async move { h2.request(req).await.unwrap().status() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(mesh.orders.client_sessions().stats().snapshot().handshakes_ok, 1);
+}
+
+#[tokio::test]
+async fn restart_of_the_receiving_seam_is_invisible_to_the_app() {
+    let mut mesh = Mesh::start().await;
+    let client = mesh.h1();
+    for round in 0..3 {
+        for _ in 0..20 {
+            let resp = client
+                .request(mesh.to_billing("POST", "/sha256", body("small request")))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "round {round}");
+            read_all(resp).await;
+        }
+        mesh.restart_billing().await;
+    }
+    let resp = client.request(mesh.to_billing("GET", "/status/200", empty())).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(mesh.orders.stats().retries(), 3, "one resend per restart");
+    assert_eq!(mesh.orders.client_sessions().stats().snapshot().handshakes_ok, 4);
+}
+
+async fn expect_failure(resp: http::Response<hyper::body::Incoming>, failure: Failure, words: &str) {
+    assert_eq!(resp.status(), failure.status());
+    assert_eq!(resp.headers()["seam-error"], failure.code());
+    let (_, b) = read_all(resp).await;
+    let text = String::from_utf8_lossy(&b);
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+    assert!(text.contains(words), "{text:?} should mention {words:?}");
+}
+
+#[tokio::test]
+async fn unknown_service_is_404_from_seam() {
+    let mesh = Mesh::start().await;
+    let req = http::Request::get("http://inventory:8080/").body(empty()).unwrap();
+    let resp = mesh.h1().request(req).await.unwrap();
+    expect_failure(resp, Failure::UnknownService, "inventory").await;
+    assert_eq!(mesh.orders.stats().failures(Failure::UnknownService), 1);
+}
+
+#[tokio::test]
+async fn unreachable_peer_is_502_within_the_connect_timeout() {
+    let ca = seam::identity::DevCa::new(TRUST_DOMAIN).unwrap();
+    // A port that was just free: nothing listens there.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let orders = seam::Sidecar::start(
+        config("orders", "http://127.0.0.1:9", peers("billing", &[closed])),
+        identity(&ca, "orders"),
+    )
+    .await
+    .unwrap();
+    let client = client_via(orders.outbound_addr(), false);
+    let req = http::Request::get("http://billing/").body(empty()).unwrap();
+    let resp = client.request(req).await.unwrap();
+    expect_failure(resp, Failure::PeerUnreachable, "billing").await;
+    assert_eq!(orders.stats().failures(Failure::PeerUnreachable), 1);
+}
+
+#[tokio::test]
+async fn failed_endpoint_is_skipped_for_a_live_one() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let mesh = Mesh::start().await;
+    let ca = &mesh.ca;
+    let orders = seam::Sidecar::start(
+        config(
+            "orders",
+            "http://127.0.0.1:9",
+            peers("billing", &[closed, mesh.billing.inbound_addr()]),
+        ),
+        identity(ca, "orders"),
+    )
+    .await
+    .unwrap();
+    let client = client_via(orders.outbound_addr(), false);
+    for _ in 0..10 {
+        let req = http::Request::get("http://billing/status/200").body(empty()).unwrap();
+        assert_eq!(client.request(req).await.unwrap().status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn app_down_is_502_and_slow_app_is_504() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let mesh = Mesh::start_with(
+        |_| {},
+        |b| {
+            b.timeouts.request = Duration::from_millis(500);
+        },
+    )
+    .await;
+    let resp = mesh.h1().request(mesh.to_billing("GET", "/hold", empty())).await.unwrap();
+    expect_failure(resp, Failure::Timeout, "did not answer").await;
+    mesh.app.release.notify_waiters();
+
+    let down = Mesh::start_with(|_| {}, |b| b.upstream.url = format!("http://{closed}").parse().unwrap()).await;
+    let resp = down.h1().request(down.to_billing("GET", "/", empty())).await.unwrap();
+    expect_failure(resp, Failure::UpstreamUnavailable, "upstream").await;
+    assert_eq!(down.billing.stats().failures(Failure::UpstreamUnavailable), 1);
+}
+
+#[tokio::test]
+async fn request_timeout_on_the_calling_side_is_504() {
+    let mesh = Mesh::start_with(|o| o.timeouts.request = Duration::from_millis(300), |_| {}).await;
+    let resp = mesh.h1().request(mesh.to_billing("GET", "/hold", empty())).await.unwrap();
+    expect_failure(resp, Failure::Timeout, "no response").await;
+    assert_eq!(mesh.orders.stats().failures(Failure::Timeout), 1);
+    mesh.app.release.notify_waiters();
+}
+
+#[tokio::test]
+async fn request_without_a_target_is_400() {
+    let mesh = Mesh::start().await;
+    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.0 400"), "{text}");
+    assert!(text.contains("seam-error: no-target"), "{text}");
+}
+
+#[tokio::test]
+async fn inbound_port_refuses_plain_requests_and_garbage() {
+    let mesh = Mesh::start().await;
+    // Not TLS at all: the connection is closed without an HTTP answer.
+    let mut tcp = TcpStream::connect(mesh.billing.inbound_addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tcp.read_to_end(&mut out).await;
+    assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"));
+    // The mesh still works afterwards.
+    let resp = mesh.h1().request(mesh.to_billing("GET", "/status/200", empty())).await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
