@@ -36,7 +36,7 @@ use seam::session::replay::ReplayWindow;
 use seam::session::seal::{
     Direction, FrameHeader, FrameKey, FrameKind, HEADER_LEN, MessageOpener, MessageSealer,
 };
-use seam::session::{Role, Session, SessionCache, SessionLimits};
+use seam::session::{Role, Session, SessionCache, SessionError, SessionLimits};
 
 const SIZES: [(usize, &str); 3] = [(1024, "1KiB"), (16 * 1024, "16KiB"), (64 * 1024, "64KiB")];
 const FRAMES_PER_SEALER: u32 = 1024;
@@ -278,12 +278,7 @@ fn bench_session_cache(c: &mut Criterion) {
     rt.block_on(async {
         client
             .get_or_handshake(&peer, || async {
-                Ok::<_, std::convert::Infallible>(Session::new(
-                    keys(),
-                    Role::Client,
-                    "billing",
-                    LIMITS,
-                ))
+                Ok::<_, SessionError>(Session::new(keys(), Role::Client, "billing", LIMITS))
             })
             .await
             .unwrap();
@@ -293,7 +288,8 @@ fn bench_session_cache(c: &mut Criterion) {
             for _ in 0..LOOKUPS {
                 let s = client
                     .get_or_handshake(&peer, || async {
-                        Err::<Session, &str>("the fast path must not handshake")
+                        // The fast path must not handshake: any error here fails the bench.
+                        Err::<Session, SessionError>(SessionError::Unavailable)
                     })
                     .await
                     .expect("existing session");

@@ -171,7 +171,7 @@ fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let sidecar = match Sidecar::start(config, identity).await {
             Ok(s) => s,
             Err(err) => {
@@ -185,7 +185,11 @@ fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
         }
         sidecar.shutdown().await;
         ExitCode::SUCCESS
-    })
+    });
+    // Connection tasks still parked on timers are abandoned rather than waited for:
+    // the drain above already decided what finishes.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

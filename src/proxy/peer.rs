@@ -27,7 +27,7 @@ use super::headers::SEAM_ERROR;
 use super::{HANDSHAKE_PATH, h2_tuning};
 use crate::handshake::{ClientHandshake, HandshakeError, ServerHello};
 use crate::identity::{Identity, IdentityError, SpiffeId};
-use crate::session::{Role, Session, SessionLimits};
+use crate::session::{Role, Session, SessionError, SessionLimits};
 
 /// What the outbound side sends: a sealed app body (streamed or kept), or a
 /// handshake message.
@@ -51,6 +51,8 @@ pub enum PeerError {
     Handshake { peer: String, reason: String },
     #[error(transparent)]
     Crypto(#[from] HandshakeError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
 }
 
 pub struct PeerPool {

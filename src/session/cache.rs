@@ -19,7 +19,7 @@ use moka::ops::compute::{CompResult, Op};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{EndReason, Session, SessionLimits};
+use super::{EndReason, Session, SessionError, SessionLimits};
 
 /// Counters shared by a cache and whoever reports on it.
 #[derive(Debug, Default)]
@@ -191,7 +191,7 @@ where
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Session, E>>,
-        E: Send + Sync + 'static,
+        E: From<SessionError> + Send + Sync + 'static,
     {
         if let Some(session) = self.cache.get(key).await
             && session.is_usable(Instant::now())
@@ -235,10 +235,10 @@ where
                 session
             }
             CompResult::Unchanged(entry) => entry.into_value(),
-            // The closure only answers Nop on an existing entry or Put, so these
-            // cannot happen; map them to "no session" rather than panic.
+            // The closure only answers Nop on an existing entry or Put, so moka cannot
+            // report these; if it ever did, the caller gets an error, not a panic.
             CompResult::StillNone(_) | CompResult::Removed(_) => {
-                unreachable!("session compute returned neither Put nor Nop on an entry")
+                return Err(SessionError::Unavailable.into());
             }
         };
         session.touch();
@@ -297,6 +297,19 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use uuid::Uuid;
 
+    /// What a handshake closure fails with in these tests.
+    #[derive(Debug, PartialEq)]
+    enum TestError {
+        Refused,
+        Session(SessionError),
+    }
+
+    impl From<SessionError> for TestError {
+        fn from(e: SessionError) -> Self {
+            TestError::Session(e)
+        }
+    }
+
     fn client_session(limits: SessionLimits) -> Session {
         // Unwrap the Arc from the real pair: the cache stores what the closure returns.
         let (c, _) = session_pair(limits);
@@ -317,7 +330,7 @@ mod tests {
                         handshakes.fetch_add(1, Ordering::SeqCst);
                         // Give every other task the chance to pile up behind us.
                         tokio::task::yield_now().await;
-                        Ok::<_, std::convert::Infallible>(client_session(LIMITS))
+                        Ok::<_, TestError>(client_session(LIMITS))
                     })
                     .await
                     .unwrap()
@@ -390,7 +403,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_end_reason_counted_once() {
         let cache: SessionCache<String> = SessionCache::new(LIMITS, 100);
-        let ok = |s: Session| async move { Ok::<_, std::convert::Infallible>(s) };
+        let ok = |s: Session| async move { Ok::<_, TestError>(s) };
         // Revoked.
         cache
             .get_or_handshake(&"a".into(), || ok(client_session(LIMITS)))
@@ -440,7 +453,7 @@ mod tests {
         let handshake = || async {
             let (c, s) = session_pair(limits);
             server_side.insert(s.id(), s).await;
-            Ok::<_, std::convert::Infallible>(Arc::try_unwrap(c).unwrap())
+            Ok::<_, TestError>(Arc::try_unwrap(c).unwrap())
         };
         let old = cache.get_or_handshake(&peer, handshake).await.unwrap();
         // Use 9 of 10 messages; the 9th leaves one in flight across the rekey.
@@ -469,10 +482,12 @@ mod tests {
     async fn failed_handshakes_are_counted_and_not_cached() {
         let cache: SessionCache<String> = SessionCache::new(LIMITS, 100);
         let err = cache
-            .get_or_handshake(&"x".into(), || async { Err::<Session, _>("refused") })
+            .get_or_handshake(&"x".into(), || async {
+                Err::<Session, _>(TestError::Refused)
+            })
             .await
             .unwrap_err();
-        assert_eq!(err, "refused");
+        assert_eq!(err, TestError::Refused);
         assert_eq!(cache.stats().snapshot().handshakes_failed, 1);
         assert!(cache.get(&"x".into()).await.is_none());
     }

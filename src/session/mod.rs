@@ -74,6 +74,8 @@ pub enum SessionError {
     MessagesExhausted(Uuid, u64),
     #[error("session {0} has ended ({1:?}); a new session is needed")]
     Ended(Uuid, EndReason),
+    #[error("the session cache returned no session; retry the request")]
+    Unavailable,
 }
 
 /// Per-session counters, readable without locks.
