@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod demo;
 pub mod handshake;
 pub mod identity;
 pub mod logging;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use seam::Sidecar;
 use seam::config::Config;
+use seam::demo::{self, DemoMesh};
 use seam::identity::{CertsInit, Identity, init_certs};
 use seam::logging::{self, LogFormat};
 
@@ -33,6 +34,16 @@ enum Command {
         /// Log line format; levels come from RUST_LOG (default info).
         #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
         log_format: LogFormat,
+    },
+    /// Start an embedded demo mesh in this process: a CA, two seams (orders, billing)
+    /// and two small apps, all on 127.0.0.1 with free ports. Sends requests from orders
+    /// to billing through both seams, prints what it measured, then keeps serving until
+    /// Ctrl-C. Exits 1 if any demo request failed.
+    Demo {
+        /// Send N requests, print the report and exit instead of serving on
+        /// (without it: 100 requests, then serve until Ctrl-C).
+        #[arg(long, value_name = "N")]
+        requests: Option<usize>,
     },
     /// Work with configuration files.
     Config {
@@ -81,6 +92,7 @@ enum CertsCmd {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { config, log_format } => run(&config, log_format),
+        Command::Demo { requests } => demo(requests),
         Command::Config {
             cmd: ConfigCmd::Check { file },
         } => match Config::load(&file) {
@@ -190,6 +202,68 @@ fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
     // the drain above already decided what finishes.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
+}
+
+fn demo(requests: Option<usize>) -> ExitCode {
+    // warn: the report on stdout is the point; routine info lines would bury it.
+    logging::init(LogFormat::Pretty, "warn");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("seam: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let mesh = match DemoMesh::start().await {
+            Ok(m) => m,
+            Err(err) => {
+                eprintln!("seam demo: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let n = requests.unwrap_or(demo::DEFAULT_REQUESTS);
+        // One signal future for the whole run, so a Ctrl-C that arrives between the
+        // batch and the serving phase is not lost.
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        let report = tokio::select! {
+            report = mesh.exercise(n) => report,
+            signalled = &mut stop => {
+                mesh.shutdown().await;
+                return signal_exit(signalled);
+            }
+        };
+        print!("{report}");
+        let mut code = if report.failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+        if requests.is_none() {
+            println!();
+            print!("{}", mesh.usage());
+            if let Err(err) = stop.await {
+                eprintln!("seam: cannot listen for signals: {err}");
+                code = ExitCode::FAILURE;
+            }
+        }
+        mesh.shutdown().await;
+        code
+    })
+}
+
+fn signal_exit(signalled: std::io::Result<()>) -> ExitCode {
+    match signalled {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("seam: cannot listen for signals: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
