@@ -291,6 +291,22 @@ async fn the_link_between_seams_never_carries_plaintext() {
     );
 }
 
+/// Sends 100 h2c requests for `path` at once and expects `status` from each.
+async fn assert_all_concurrent(mesh: &Mesh, path: &str, status: u16) {
+    let h2 = mesh.h2c();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let req = mesh.to_billing("GET", path, empty());
+        let h2 = h2.clone();
+        tasks.push(tokio::spawn(async move {
+            h2.request(req).await.unwrap().status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), status);
+    }
+}
+
 #[tokio::test]
 async fn one_handshake_for_many_sequential_and_concurrent_requests() {
     let mesh = Mesh::start().await;
@@ -303,18 +319,7 @@ async fn one_handshake_for_many_sequential_and_concurrent_requests() {
         assert_eq!(resp.status(), 200);
         read_all(resp).await;
     }
-    let h2 = mesh.h2c();
-    let mut tasks = Vec::new();
-    for _ in 0..100 {
-        let req = mesh.to_billing("GET", "/status/204", empty());
-        let h2 = h2.clone();
-        tasks.push(tokio::spawn(async move {
-            h2.request(req).await.unwrap().status()
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 204);
-    }
+    assert_all_concurrent(&mesh, "/status/204", 204).await;
     assert_eq!(
         mesh.orders
             .client_sessions()
@@ -336,18 +341,7 @@ async fn one_handshake_for_many_sequential_and_concurrent_requests() {
 #[tokio::test]
 async fn concurrent_first_requests_coalesce_into_one_handshake() {
     let mesh = Mesh::start().await;
-    let h2 = mesh.h2c();
-    let mut tasks = Vec::new();
-    for _ in 0..100 {
-        let req = mesh.to_billing("GET", "/status/200", empty());
-        let h2 = h2.clone();
-        tasks.push(tokio::spawn(async move {
-            h2.request(req).await.unwrap().status()
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    assert_all_concurrent(&mesh, "/status/200", 200).await;
     assert_eq!(
         mesh.orders
             .client_sessions()
