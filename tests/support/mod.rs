@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use seam::Sidecar;
 use seam::config::{
-    Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig, TimeoutConfig,
+    AdminConfig, Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig, TimeoutConfig,
     TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use seam::identity::{DevCa, Identity};
@@ -333,6 +333,7 @@ pub fn config(service: &str, upstream: &str, peers: BTreeMap<String, Vec<SocketA
             drain: Duration::from_secs(5),
         },
         runtime: RuntimeConfig::default(),
+        admin: AdminConfig::default(),
     }
 }
 
