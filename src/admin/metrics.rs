@@ -20,16 +20,59 @@ use super::health::Status;
 use super::stats::Direction;
 use crate::proxy::Failure;
 
-/// What a Prometheus server accepts for prometheus-client's output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format (see [`to_prometheus_text`]).
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Renders every metric of `admin` as text.
+/// Renders every metric of `admin` as Prometheus text.
 pub fn render(admin: Arc<Admin>) -> Result<String, fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(AdminCollector(admin)));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)?;
-    Ok(out)
+    Ok(to_prometheus_text(&out))
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has samples
+/// `x_total`. In the classic text format (what `promtool check metrics` and older
+/// scrapers read) the family must carry the sample name, or its HELP and TYPE do not
+/// apply to it; `# UNIT` and `# EOF` do not exist there. Those are the only differences
+/// for the metric types used here (no exemplars, no `_created`).
+fn to_prometheus_text(open_metrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in open_metrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((tag, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{tag}{name}{suffix} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 struct AdminCollector(Arc<Admin>);
@@ -293,5 +336,21 @@ impl Collector for AdminCollector {
             &[(vec![], ConstGauge::new(not_after))],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_prometheus_text;
+
+    #[test]
+    fn counters_carry_total_in_help_and_type() {
+        let om = "# HELP a_seconds Time.\n# TYPE a_seconds gauge\n# UNIT a_seconds seconds\na_seconds 1.5\n\
+                  # HELP b Things.\n# TYPE b counter\nb_total{x=\"1\"} 2\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_seconds Time.\n# TYPE a_seconds gauge\na_seconds 1.5\n\
+             # HELP b_total Things.\n# TYPE b_total counter\nb_total{x=\"1\"} 2\n"
+        );
     }
 }
