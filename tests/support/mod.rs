@@ -333,7 +333,11 @@ pub fn config(service: &str, upstream: &str, peers: BTreeMap<String, Vec<SocketA
             drain: Duration::from_secs(5),
         },
         runtime: RuntimeConfig::default(),
-        admin: AdminConfig::default(),
+        // Test certificates live an hour (see `identity`): warn only in the last minute.
+        admin: AdminConfig {
+            cert_warning: Duration::from_secs(60),
+            ..AdminConfig::default()
+        },
     }
 }
 
