@@ -668,3 +668,73 @@ async fn an_idle_session_expires_with_an_event() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs the built `seam` binary with `args` and returns (success, stdout, stderr).
+async fn seam_cli(args: Vec<String>) -> (bool, String, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_seam"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn status_and_sessions_commands_read_the_admin_api() {
+    let mesh = Mesh::start().await;
+    request_billing(&mesh).await;
+    let (b, o) = (mesh.billing.admin_addr(), mesh.orders.admin_addr());
+    wait_health(b, "healthy").await;
+    wait_health(o, "unhealthy").await;
+
+    let (ok, out, err) = seam_cli(vec!["status".into(), "--admin".into(), b.to_string()]).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("seam billing at") && out.contains("HEALTHY"),
+        "{out}"
+    );
+    assert!(out.contains("sessions: 1 held"), "{out}");
+
+    // orders' app (port 9) is down: unhealthy, so a non-zero exit for scripts.
+    let (ok, out, _) = seam_cli(vec!["status".into(), "--admin".into(), o.to_string()]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("UNHEALTHY") && out.contains("billing"),
+        "{out}"
+    );
+
+    let (ok, out, err) = seam_cli(vec!["sessions".into(), "--admin".into(), o.to_string()]).await;
+    assert!(ok, "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].starts_with("ID") && rows[1].contains("billing") && rows[1].contains("client"),
+        "{out}"
+    );
+
+    // Nothing listens on the port of a closed listener.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (ok, _, err) = seam_cli(vec!["status".into(), "--admin".into(), closed.to_string()]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("cannot reach the admin port") && err.contains("--admin"),
+        "{err}"
+    );
+    let (ok, _, _) = seam_cli(vec![
+        "sessions".into(),
+        "--admin".into(),
+        closed.to_string(),
+    ])
+    .await;
+    assert!(!ok);
+}
