@@ -139,7 +139,7 @@ pub async fn status(addr: SocketAddr) -> Result<(String, bool), ClientError> {
         n(&stats["handshakes"]["ok"]),
         n(&stats["handshakes"]["failed"])
     );
-    if let Some(peers) = stats["peers"].as_object() {
+    if let Some(peers) = stats["peers"].as_object().filter(|p| !p.is_empty()) {
         let mut peers: Vec<_> = peers.iter().collect();
         // Busiest first: the peers an operator most likely came to look at.
         peers.sort_by_key(|(_, p)| std::cmp::Reverse(n(&p["requests"])));

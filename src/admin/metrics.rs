@@ -95,6 +95,12 @@ fn family<M: EncodeMetric>(
         return Ok(());
     };
     let mut family = encoder.encode_descriptor(name, help, unit, first.metric_type())?;
+    // A lone unlabelled sample is written as `name value`, not `name{} value`.
+    if let [(labels, metric)] = samples
+        && labels.is_empty()
+    {
+        return metric.encode(family);
+    }
     for (labels, metric) in samples {
         metric.encode(family.encode_family(labels)?)?;
     }
