@@ -592,14 +592,29 @@ fn admin_section_defaults_and_values() {
     let config = result.expect("remote admin allowed explicitly");
     assert_eq!(config.listen.admin, addr("0.0.0.0:15000"));
     assert!(config.admin.allow_remote && config.admin.access_log);
-    assert_eq!(config.admin.cert_warning, Duration::from_secs(30 * 24 * 3600));
-    assert_eq!(config.admin.upstream_probe_interval, Duration::from_millis(250));
+    assert_eq!(
+        config.admin.cert_warning,
+        Duration::from_secs(30 * 24 * 3600)
+    );
+    assert_eq!(
+        config.admin.upstream_probe_interval,
+        Duration::from_millis(250)
+    );
 }
 
 #[test]
 fn remote_admin_needs_allow_remote() {
     let (path, err) = error_for("admin: 127.0.0.1:15000", "admin: 10.0.0.5:15000");
-    assert_error(&path, &err, 3, &["listen.admin 10.0.0.5:15000", "loopback", "allow_remote: true"]);
+    assert_error(
+        &path,
+        &err,
+        3,
+        &[
+            "listen.admin 10.0.0.5:15000",
+            "loopback",
+            "allow_remote: true",
+        ],
+    );
 }
 
 #[test]
