@@ -49,6 +49,7 @@ pub struct Config {
     pub peers: BTreeMap<String, Vec<SocketAddr>>,
     pub timeouts: TimeoutConfig,
     pub runtime: RuntimeConfig,
+    pub admin: AdminConfig,
 }
 
 /// Addresses this seam binds.
@@ -138,6 +139,22 @@ pub struct RuntimeConfig {
     pub worker_threads: Option<NonZeroUsize>,
 }
 
+/// The admin port's behaviour (DESIGN §5): health thresholds, access log, exposure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminConfig {
+    /// Binding `listen.admin` to a non-loopback address must be asked for explicitly:
+    /// the admin port can revoke sessions and change log levels without authentication.
+    pub allow_remote: bool,
+    /// `/health` turns degraded this long before the certificate expires.
+    #[serde(serialize_with = "serialize_duration")]
+    pub cert_warning: Duration,
+    /// How often the background check connects to the upstream app.
+    #[serde(serialize_with = "serialize_duration")]
+    pub upstream_probe_interval: Duration,
+    /// One log line per proxied request (method, authority, path, status, duration, caller).
+    pub access_log: bool,
+}
+
 /// Why a configuration could not be loaded. Each variant renders as one line that
 /// starts with `FILE:LINE:COLUMN:` when the position is known.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +203,7 @@ struct RawConfig {
     peers: Option<RawPeers>,
     timeouts: Option<RawTimeouts>,
     runtime: Option<RawRuntime>,
+    admin: Option<RawAdmin>,
 }
 
 #[derive(Deserialize)]
@@ -257,6 +275,15 @@ struct RawRuntime {
     worker_threads: Option<Spanned<u64>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    allow_remote: Option<bool>,
+    cert_warning: Option<Spanned<String>>,
+    upstream_probe_interval: Option<Spanned<String>>,
+    access_log: Option<bool>,
+}
+
 /// A mapping kept as a list in document order, so validation reports the first bad
 /// entry as written and keys can keep their own locations.
 struct Entries<K, V>(Vec<(K, V)>);
@@ -324,6 +351,17 @@ impl Default for TimeoutConfig {
             connect: Duration::from_secs(1),
             request: Duration::from_secs(30),
             drain: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            allow_remote: false,
+            cert_warning: Duration::from_secs(7 * 24 * 60 * 60),
+            upstream_probe_interval: Duration::from_secs(5),
+            access_log: false,
         }
     }
 }
@@ -656,6 +694,7 @@ fn validate(raw: &Spanned<RawConfig>, check: &Checker) -> Result<Config, ConfigE
     let peers = validate_peers(raw.peers.as_ref(), &service, check)?;
     let timeouts = validate_timeouts(raw.timeouts.as_ref(), check)?;
     let runtime = validate_runtime(raw.runtime.as_ref(), check)?;
+    let admin = validate_admin(raw, &listen, check)?;
     Ok(Config {
         service,
         trust_domain,
@@ -667,7 +706,51 @@ fn validate(raw: &Spanned<RawConfig>, check: &Checker) -> Result<Config, ConfigE
         peers,
         timeouts,
         runtime,
+        admin,
     })
+}
+
+fn validate_admin(
+    raw: &RawConfig,
+    listen: &ListenConfig,
+    check: &Checker,
+) -> Result<AdminConfig, ConfigError> {
+    let defaults = AdminConfig::default();
+    let admin = match &raw.admin {
+        None => defaults,
+        Some(a) => AdminConfig {
+            allow_remote: a.allow_remote.unwrap_or(defaults.allow_remote),
+            cert_warning: check.duration(
+                "admin.cert_warning",
+                a.cert_warning.as_ref(),
+                defaults.cert_warning,
+            )?,
+            upstream_probe_interval: check.duration(
+                "admin.upstream_probe_interval",
+                a.upstream_probe_interval.as_ref(),
+                defaults.upstream_probe_interval,
+            )?,
+            access_log: a.access_log.unwrap_or(defaults.access_log),
+        },
+    };
+    if !listen.admin.ip().is_loopback() && !admin.allow_remote {
+        // The default is loopback, so a non-loopback address was written by hand.
+        let at = raw
+            .listen
+            .as_ref()
+            .and_then(|l| l.admin.as_ref())
+            .map_or(Location::UNKNOWN, |a| a.referenced);
+        return Err(check.error(
+            at,
+            format!(
+                "listen.admin {} is not a loopback address; the admin port has no \
+                 authentication (it can revoke sessions), so either bind it to 127.0.0.1 or \
+                 set `admin: {{ allow_remote: true }}` and restrict access with a firewall",
+                listen.admin
+            ),
+        ));
+    }
+    Ok(admin)
 }
 
 fn validate_trust_domain(name: &Spanned<String>, check: &Checker) -> Result<String, ConfigError> {

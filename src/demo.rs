@@ -38,8 +38,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig, TimeoutConfig, TlsConfig,
-    UpstreamConfig, UpstreamProtocol,
+    AdminConfig, Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
+    TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use crate::identity::{DevCa, Identity, IdentityError};
 use crate::proxy::headers::SEAM_CALLER;
@@ -605,6 +605,7 @@ fn seam_config(
         peers,
         timeouts: TimeoutConfig::default(),
         runtime: RuntimeConfig::default(),
+        admin: AdminConfig::default(),
     })
 }
 

@@ -79,7 +79,10 @@ impl Sidecar {
             max_lifetime: config.session.max_lifetime,
             max_messages: config.session.max_messages,
         };
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new(
+            config.peers.keys().cloned(),
+            config.admin.access_log,
+        ));
         let client_sessions = SessionCache::new(limits, config.session.max_sessions);
         let server_sessions = SessionCache::new(limits, config.session.max_sessions);
         let peers = PeerPool::new(&identity, &config.peers, config.timeouts.connect)?;
@@ -101,14 +104,13 @@ impl Sidecar {
             config.timeouts.request,
             stats.clone(),
         ));
-        let admin = Arc::new(Admin {
-            service: config.service.clone(),
+        let admin = Arc::new(Admin::new(
+            &config,
             stats,
             client_sessions,
             server_sessions,
-            ready: Default::default(),
-            draining: Default::default(),
-        });
+            identity.not_after(),
+        ));
 
         let outbound_listener = bind("outbound", config.listen.outbound).await?;
         let inbound_listener = bind("inbound", config.listen.inbound).await?;
@@ -147,6 +149,21 @@ impl Sidecar {
             admin_plane.clone(),
             move |tcp, _, watcher| serve_admin(tcp, watcher, admin_for_loop.clone()),
         ));
+        // The upstream check runs on its own schedule so /health answers from memory.
+        tokio::spawn(admin::health::probe_upstream(
+            admin.clone(),
+            upstream_target(&config.upstream.url),
+            config.admin.upstream_probe_interval,
+            config.timeouts.connect,
+            admin_plane.clone(),
+        ));
+        if !admin_addr.ip().is_loopback() {
+            tracing::warn!(
+                event = "admin_exposed",
+                admin = %admin_addr,
+                "the admin port listens beyond loopback (admin.allow_remote); it has no authentication, so restrict who can reach it"
+            );
+        }
         admin.ready.store(true, Ordering::Release);
         tracing::info!(
             event = "ready",
@@ -179,6 +196,11 @@ impl Sidecar {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Hands the runtime log filter to the admin port (`PUT /log-level`).
+    pub fn set_log_control(&self, control: logging::LogControl) {
+        let _ = self.admin.log.set(control);
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -218,6 +240,17 @@ impl Sidecar {
         }
         drained
     }
+}
+
+/// Host and port of the upstream URL (validated as `http://HOST:PORT` by the config).
+fn upstream_target(url: &http::Uri) -> (String, u16) {
+    let host = url.host().unwrap_or("127.0.0.1");
+    // `[::1]` in a URI is `::1` to the resolver.
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    (host, url.port_u16().unwrap_or(80))
 }
 
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, SidecarError> {

@@ -1,5 +1,6 @@
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -55,7 +56,24 @@ enum Command {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
+    /// Print a summary of a running seam (health, sessions, rates, top peers). Exits 1
+    /// when its admin port cannot be reached or it reports unhealthy.
+    Status {
+        /// The seam's admin address (listen.admin).
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
+    /// Print a running seam's sessions as a table. Exits 1 when its admin port cannot be
+    /// reached.
+    Sessions {
+        /// The seam's admin address (listen.admin).
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
 }
+
+/// The default `listen.admin`.
+const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 
 #[derive(Debug, Subcommand)]
 enum ConfigCmd {
@@ -105,6 +123,15 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Status { admin } => admin_cli(async move {
+            let (report, healthy) = seam::admin::client::status(admin).await?;
+            print!("{report}");
+            Ok(healthy)
+        }),
+        Command::Sessions { admin } => admin_cli(async move {
+            print!("{}", seam::admin::client::sessions_table(admin).await?);
+            Ok(true)
+        }),
         Command::Certs { cmd } => match certs(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
@@ -112,6 +139,30 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Runs an admin-API command on a small runtime: exit 0 when it reports success.
+fn admin_cli(
+    work: impl std::future::Future<Output = Result<bool, seam::admin::client::ClientError>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("seam: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("seam: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -141,7 +192,10 @@ fn certs(cmd: CertsCmd) -> Result<(), String> {
 }
 
 fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
-    logging::init(log_format, "info");
+    // Without logging seam still proxies; say so instead of refusing to start.
+    let log_control = logging::init(log_format, "info")
+        .inspect_err(|err| eprintln!("seam: {err}"))
+        .ok();
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(err) => {
@@ -191,6 +245,9 @@ fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(control) = log_control {
+            sidecar.set_log_control(control);
+        }
         if let Err(err) = shutdown_signal().await {
             eprintln!("seam: cannot listen for signals: {err}");
             return ExitCode::FAILURE;
@@ -206,7 +263,9 @@ fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
 
 fn demo(requests: Option<usize>) -> ExitCode {
     // warn: the report on stdout is the point; routine info lines would bury it.
-    logging::init(LogFormat::Pretty, "warn");
+    if let Err(err) = logging::init(LogFormat::Pretty, "warn") {
+        eprintln!("seam: {err}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -575,3 +575,52 @@ fn cli_check_rejects_a_bad_file_with_its_position() {
     assert!(stderr.starts_with(&expected), "{stderr:?}");
     assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
 }
+
+#[test]
+fn admin_section_defaults_and_values() {
+    let (_dir, _path, result) = load_text(BASE);
+    let admin = result.expect("valid").admin;
+    assert!(!admin.allow_remote && !admin.access_log);
+    assert_eq!(admin.cert_warning, Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(admin.upstream_probe_interval, Duration::from_secs(5));
+
+    let text = format!(
+        "{BASE}admin: {{ allow_remote: true, cert_warning: 30d, upstream_probe_interval: 250ms, access_log: true }}\n"
+    )
+    .replace("admin: 127.0.0.1:15000", "admin: 0.0.0.0:15000");
+    let (_dir, _path, result) = load_text(&text);
+    let config = result.expect("remote admin allowed explicitly");
+    assert_eq!(config.listen.admin, addr("0.0.0.0:15000"));
+    assert!(config.admin.allow_remote && config.admin.access_log);
+    assert_eq!(
+        config.admin.cert_warning,
+        Duration::from_secs(30 * 24 * 3600)
+    );
+    assert_eq!(
+        config.admin.upstream_probe_interval,
+        Duration::from_millis(250)
+    );
+}
+
+#[test]
+fn remote_admin_needs_allow_remote() {
+    let (path, err) = error_for("admin: 127.0.0.1:15000", "admin: 10.0.0.5:15000");
+    assert_error(
+        &path,
+        &err,
+        3,
+        &[
+            "listen.admin 10.0.0.5:15000",
+            "loopback",
+            "allow_remote: true",
+        ],
+    );
+}
+
+#[test]
+fn admin_durations_are_checked() {
+    let text = format!("{BASE}admin: {{ cert_warning: soon }}\n");
+    let (_dir, path, result) = load_text(&text);
+    let err = result.expect_err("bad duration");
+    assert_error(&path, &err, 20, &["admin.cert_warning 'soon'", "30s"]);
+}

@@ -35,6 +35,19 @@ pub enum BodyError {
     Transport(BoxError),
 }
 
+impl BodyError {
+    /// A short fixed name per failure, for counters and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BodyError::Seal(e) => e.kind(),
+            BodyError::Head(_) => "bad-head",
+            BodyError::NoHead(_) => "no-head",
+            BodyError::Empty => "empty",
+            BodyError::Transport(_) => "transport",
+        }
+    }
+}
+
 /// Wraps a plain body and yields it sealed: the head frame first, then a sealed
 /// frame per chunk, trailers if any, and the final frame.
 pub struct SealedBody<B> {

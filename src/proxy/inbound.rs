@@ -21,8 +21,8 @@ use super::head::{RequestHead, ResponseHead};
 use super::headers::{SEAM_ERROR, SEAM_SESSION, header_value, strip_hop_by_hop};
 use super::upstream::Upstream;
 use super::{Failure, HANDSHAKE_PATH, MESSAGE_PATH, failure_response};
-use crate::admin::stats::{Direction, Stats};
-use crate::handshake::{CLIENT_HELLO_LEN, ClientHello, respond};
+use crate::admin::stats::{Direction, HandshakeFailure, Stats};
+use crate::handshake::{CLIENT_HELLO_LEN, ClientHello, HandshakeError, respond};
 use crate::identity::SpiffeId;
 use crate::session::seal::MAX_PAYLOAD;
 use crate::session::{Role, Session, SessionCache, SessionLimits};
@@ -111,7 +111,14 @@ impl Inbound {
                     .stats()
                     .handshakes_failed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(event = "handshake_failed", peer = %caller, error = %e, "handshake failed");
+                let why = match e {
+                    HandshakeError::WrongLength { .. } | HandshakeError::UnsupportedVersion(_) => {
+                        HandshakeFailure::BadHello
+                    }
+                    _ => HandshakeFailure::KeyAgreement,
+                };
+                self.stats.record_handshake_failure(why);
+                tracing::warn!(event = "handshake_failed", peer = %caller, reason = why.code(), error = %e, "handshake failed");
                 return self.refuse(
                     Failure::HandshakeFailed,
                     &format!(
@@ -138,6 +145,19 @@ impl Inbound {
     }
 
     async fn message(&self, req: Request<Incoming>, caller: &SpiffeId) -> Response<InboundBody> {
+        let started = tokio::time::Instant::now();
+        let resp = self.open_and_forward(req, caller).await;
+        self.stats
+            .observe_duration(Direction::Inbound, started.elapsed());
+        resp
+    }
+
+    async fn open_and_forward(
+        &self,
+        req: Request<Incoming>,
+        caller: &SpiffeId,
+    ) -> Response<InboundBody> {
+        let started = tokio::time::Instant::now();
         let id = req
             .headers()
             .get(SEAM_SESSION)
@@ -174,7 +194,8 @@ impl Inbound {
             Ok(Ok(head)) => head,
             Ok(Err(e)) => {
                 session.counters().add_error();
-                tracing::warn!(event = "open_failed", session_id = %id, peer = %caller, error = %e, "sealed request rejected");
+                self.stats.record_open_failure(e.kind());
+                tracing::warn!(event = "open_failed", kind = e.kind(), session_id = %id, peer = %caller, error = %e, "sealed request rejected");
                 return self.refuse(
                     Failure::BadRequest,
                     &format!(
@@ -209,6 +230,16 @@ impl Inbound {
                 return self.refuse(Failure::BadRequest, &format!("seam({}): {e}", self.service));
             }
         };
+        // The path without its query: queries often carry tokens, which logs must not.
+        let access = self.stats.access_log().then(|| {
+            let path = head
+                .path_and_query
+                .split('?')
+                .next()
+                .unwrap_or("/")
+                .to_owned();
+            (head.method.clone(), head.authority.clone(), path)
+        });
         let upstream = timeout(
             self.request_timeout,
             self.upstream.send(head, body, caller.service()),
@@ -244,6 +275,19 @@ impl Inbound {
         };
         self.stats
             .record_status(Direction::Inbound, resp_head.status);
+        if let Some((method, authority, path)) = access {
+            tracing::info!(
+                event = "access",
+                direction = "inbound",
+                %method,
+                authority,
+                path,
+                status = resp_head.status.as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                caller = caller.service(),
+                "request"
+            );
+        }
         let sealed = resp_head
             .encode(MAX_PAYLOAD)
             .map_err(|e| e.to_string())

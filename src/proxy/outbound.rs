@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 use super::body::{KeptBody, OpenedBody, SealedBody};
 use super::head::{HeadError, RequestHead, ResponseHead};
@@ -20,7 +20,7 @@ use super::headers::{
 };
 use super::peer::{AppBody, PeerError, PeerPool};
 use super::{Failure, KEEP_LIMIT, MESSAGE_PATH, failure_response};
-use crate::admin::stats::{Direction, Stats};
+use crate::admin::stats::{Direction, HandshakeFailure, Stats};
 use crate::session::seal::MAX_PAYLOAD;
 use crate::session::{SessionCache, SessionLimits};
 
@@ -70,6 +70,15 @@ impl Outbound {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<OutboundBody>, Infallible> {
+        let started = Instant::now();
+        // Only copied when the access log is on, so the default path allocates nothing.
+        let access = self.stats.access_log().then(|| {
+            (
+                req.method().clone(),
+                request_authority(&req),
+                req.uri().path().to_owned(),
+            )
+        });
         let target = target_service(&req);
         let resp = match timeout(self.request_timeout, self.forward(req, target.as_deref())).await {
             Ok(resp) => resp,
@@ -84,6 +93,21 @@ impl Outbound {
             ),
         };
         self.stats.record_status(Direction::Outbound, resp.status());
+        self.stats
+            .observe_duration(Direction::Outbound, started.elapsed());
+        if let Some((method, authority, path)) = access {
+            tracing::info!(
+                event = "access",
+                direction = "outbound",
+                %method,
+                authority,
+                path,
+                status = resp.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                caller = self.service,
+                "request"
+            );
+        }
         Ok(resp)
     }
 
@@ -157,7 +181,10 @@ impl Outbound {
                 .await
             {
                 Ok(s) => s,
-                Err(e) => return self.peer_failure(service, e),
+                Err(e) => {
+                    self.handshake_failure(service, &e);
+                    return self.peer_failure(service, e);
+                }
             };
             let (sealer, guard) = match session.begin_request() {
                 Ok(x) => x,
@@ -196,10 +223,21 @@ impl Outbound {
                     return self.fail(Failure::BadRequest, format!("seam({}): {e}", self.service));
                 }
             };
+            let sent = Instant::now();
+            let peer_stats = self.stats.peer(service);
             let resp = match self.peers.send(service, outer).await {
-                Ok(r) => r,
+                Ok(r) => {
+                    if let Some(p) = peer_stats {
+                        p.record_request(Some(sent.elapsed()));
+                    }
+                    r
+                }
                 Err(e) => {
                     session.counters().add_error();
+                    if let Some(p) = peer_stats {
+                        p.record_request(None);
+                        p.record_reachable(false);
+                    }
                     return self.peer_failure(service, e);
                 }
             };
@@ -252,11 +290,13 @@ impl Outbound {
         let head = match opened
             .read_head()
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|h| ResponseHead::decode(&h).map_err(|e| e.to_string()))
+            .map_err(|e| (e.kind(), e.to_string()))
+            .and_then(|h| ResponseHead::decode(&h).map_err(|e| ("bad-head", e.to_string())))
         {
             Ok(h) => h,
             Err(e) => {
+                self.stats.record_open_failure(e.0);
+                let e = e.1;
                 return self.fail(
                     Failure::PeerProtocol,
                     format!(
@@ -271,6 +311,22 @@ impl Outbound {
         *resp.headers_mut() = head.headers;
         strip_hop_by_hop(resp.headers_mut());
         resp
+    }
+
+    /// Counts and logs a failed client-side handshake; the request fails right after.
+    fn handshake_failure(&self, service: &str, e: &PeerError) {
+        let why = match e {
+            PeerError::Unreachable { .. } | PeerError::Request { .. } => {
+                HandshakeFailure::PeerUnreachable
+            }
+            PeerError::Handshake { .. } => HandshakeFailure::RefusedByPeer,
+            PeerError::Crypto(_) | PeerError::Session(_) => HandshakeFailure::KeyAgreement,
+        };
+        self.stats.record_handshake_failure(why);
+        if let Some(p) = self.stats.peer(service) {
+            p.record_reachable(why != HandshakeFailure::PeerUnreachable);
+        }
+        tracing::warn!(event = "handshake_failed", peer = service, reason = why.code(), error = %e, "session handshake failed");
     }
 
     fn peer_failure(&self, service: &str, e: PeerError) -> Response<OutboundBody> {

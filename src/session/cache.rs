@@ -31,6 +31,9 @@ pub struct SessionStats {
     pub replaced: AtomicU64,
     pub handshakes_ok: AtomicU64,
     pub handshakes_failed: AtomicU64,
+    /// Payload bytes of sessions that have ended; live ones are summed on demand.
+    ended_bytes_in: AtomicU64,
+    ended_bytes_out: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
@@ -122,6 +125,13 @@ where
                     RemovalCause::Replaced => EndReason::Replaced,
                 });
                 listener_stats.record_end(reason);
+                let c = session.counters();
+                listener_stats
+                    .ended_bytes_in
+                    .fetch_add(c.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
+                listener_stats
+                    .ended_bytes_out
+                    .fetch_add(c.bytes_out.load(Ordering::Relaxed), Ordering::Relaxed);
                 tracing::info!(
                     event = "session_ended",
                     key = %key,
@@ -205,20 +215,34 @@ where
             .entry(key.clone())
             .and_try_compute_with(|current| async move {
                 let now = Instant::now();
+                let mut rekeyed = None;
                 if let Some(entry) = current {
                     let session = entry.into_value();
                     if session.is_usable(now) {
                         return Ok(Op::Nop);
                     }
-                    session.mark_ended(if session.is_expired(now) {
+                    let reason = session.mark_ended(if session.is_expired(now) {
                         EndReason::Expired
                     } else {
                         EndReason::Replaced
                     });
+                    if reason == EndReason::Replaced {
+                        rekeyed = Some(session.id());
+                    }
                 }
                 match handshake().await {
                     Ok(session) => {
                         stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+                        if let Some(old) = rekeyed {
+                            tracing::info!(
+                                event = "session_rekeyed",
+                                session_id = %session.id(),
+                                old_session_id = %old,
+                                peer = session.peer(),
+                                reason = "lifetime or message budget nearly used",
+                                "session rekeyed"
+                            );
+                        }
                         Ok(Op::Put(Arc::new(session)))
                     }
                     Err(e) => {
@@ -265,6 +289,44 @@ where
         {
             self.revoke(key, EndReason::Revoked).await;
         }
+    }
+
+    /// Operator revocation by session id: ends it with [`EndReason::Revoked`] and logs
+    /// `reason`. Returns the session as it was, or `None` when no such session is held.
+    pub async fn revoke_id(&self, id: uuid::Uuid, reason: &str) -> Option<Arc<Session>> {
+        let (key, session) = self.cache.iter().find(|(_, s)| s.id() == id)?;
+        session.mark_ended(EndReason::Revoked);
+        self.cache.invalidate(&*key).await;
+        tracing::info!(
+            event = "session_revoked",
+            session_id = %id,
+            peer = session.peer(),
+            role = ?session.role(),
+            reason,
+            "session revoked by an operator"
+        );
+        Some(session)
+    }
+
+    /// The session with id `id`, if held (a linear scan: admin use only).
+    pub fn find(&self, id: uuid::Uuid) -> Option<Arc<Session>> {
+        self.cache
+            .iter()
+            .find(|(_, s)| s.id() == id)
+            .map(|(_, s)| s)
+    }
+
+    /// Payload bytes (received, sent) over every session this cache has held.
+    pub fn bytes(&self) -> (u64, u64) {
+        let (mut rx, mut tx) = (
+            self.stats.ended_bytes_in.load(Ordering::Relaxed),
+            self.stats.ended_bytes_out.load(Ordering::Relaxed),
+        );
+        for (_, s) in self.cache.iter() {
+            rx += s.counters().bytes_in.load(Ordering::Relaxed);
+            tx += s.counters().bytes_out.load(Ordering::Relaxed);
+        }
+        (rx, tx)
     }
 
     /// A snapshot of all sessions, for the admin API.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -25,7 +25,8 @@ use seal::{Direction, FrameKey, MessageOpener, MessageSealer};
 pub use cache::{SessionCache, SessionStats};
 
 /// Which end of the handshake this seam was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+// Deserialize: the admin API reads these back from query parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Client,
@@ -47,7 +48,7 @@ pub enum EndReason {
 }
 
 /// Lifecycle state shown by the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionState {
     /// At least one message in flight.

@@ -97,6 +97,29 @@ pub enum SealError {
     Io(String),
 }
 
+impl SealError {
+    /// A short fixed name per variant, for counters and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SealError::Tampered { .. } => "tampered",
+            SealError::CrossSession { .. } => "cross-session",
+            SealError::WrongDirection => "wrong-direction",
+            SealError::MixedMessages { .. } => "mixed-messages",
+            SealError::Reordered { .. } => "reordered",
+            SealError::Dropped { .. } => "dropped",
+            SealError::Truncated => "truncated",
+            SealError::AfterEnd => "after-end",
+            SealError::UnexpectedKind { .. } => "unexpected-kind",
+            SealError::FrameTooLarge { .. } => "frame-too-large",
+            SealError::Malformed(_) => "malformed",
+            SealError::Replay(_) => "replay",
+            SealError::TooManyFrames => "too-many-frames",
+            SealError::Seal => "seal",
+            SealError::Io(_) => "io",
+        }
+    }
+}
+
 /// One direction's AES-256-GCM key. The key schedule is wiped on drop (aes-gcm's
 /// `zeroize` feature) and never printed.
 pub struct FrameKey(Aes256Gcm);

@@ -22,8 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use seam::Sidecar;
 use seam::config::{
-    Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig, TimeoutConfig, TlsConfig,
-    UpstreamConfig, UpstreamProtocol,
+    AdminConfig, Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
+    TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use seam::identity::{DevCa, Identity};
 use sha2::{Digest, Sha256};
@@ -344,6 +344,11 @@ pub fn config(service: &str, upstream: &str, peers: BTreeMap<String, Vec<SocketA
             drain: Duration::from_secs(5),
         },
         runtime: RuntimeConfig::default(),
+        // Test certificates live an hour (see `identity`): warn only in the last minute.
+        admin: AdminConfig {
+            cert_warning: Duration::from_secs(60),
+            ..AdminConfig::default()
+        },
     }
 }
 
