@@ -33,7 +33,11 @@ async fn bodies_cross_byte_exact_over_http1_and_h2c() {
         for size in [0usize, 1024, 10 * 1024 * 1024] {
             let data = pattern(size);
             let expected = format!("{size} {}", sha256_hex(&data));
-            assert_eq!(sha_through(&mesh, h2, data).await, expected, "h2={h2} size={size}");
+            assert_eq!(
+                sha_through(&mesh, h2, data).await,
+                expected,
+                "h2={h2} size={size}"
+            );
         }
     }
 }
@@ -51,7 +55,11 @@ async fn downloads_cross_byte_exact_over_http1_and_h2c() {
             assert_eq!(resp.status(), 200);
             assert_eq!(resp.headers()["content-length"], size.to_string());
             let (_, b) = read_all(resp).await;
-            assert_eq!(sha256_hex(&b), sha256_hex(&pattern(size)), "h2={h2} size={size}");
+            assert_eq!(
+                sha256_hex(&b),
+                sha256_hex(&pattern(size)),
+                "h2={h2} size={size}"
+            );
         }
     }
 }
@@ -89,10 +97,24 @@ async fn streamed_upload_and_download_with_unknown_length() {
     let feed = mesh.app.next_stream().await;
     feed.send(Bytes::from_static(b"first")).await.unwrap();
     let mut resp = pending.await.unwrap();
-    let first = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap();
+    let first = resp
+        .body_mut()
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
     assert_eq!(&first[..], b"first");
     feed.send(Bytes::from_static(b"second")).await.unwrap();
-    let second = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap();
+    let second = resp
+        .body_mut()
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
     assert_eq!(&second[..], b"second");
     drop(feed);
     assert!(resp.body_mut().frame().await.is_none());
@@ -124,7 +146,10 @@ async fn status_headers_and_caller_identity_are_preserved() {
     let (_, b) = read_all(resp).await;
     let seen: serde_json::Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(seen["path"], "/headers?q=1");
-    assert_eq!(seen["headers"]["seam-caller"], serde_json::json!(["orders"]));
+    assert_eq!(
+        seen["headers"]["seam-caller"],
+        serde_json::json!(["orders"])
+    );
     assert_eq!(seen["headers"]["x-trace"], serde_json::json!(["abc"]));
     assert_eq!(seen["headers"]["host"], serde_json::json!(["billing"]));
     for gone in ["x-secret", "upgrade", "connection", "seam-session"] {
@@ -136,10 +161,14 @@ async fn status_headers_and_caller_identity_are_preserved() {
 async fn absolute_form_requests_route_like_http_proxy_clients() {
     let mesh = Mesh::start().await;
     // What curl sends with HTTP_PROXY set: absolute-form URI to the proxy.
-    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr()).await.unwrap();
-    tcp.write_all(b"GET http://billing/headers HTTP/1.1\r\nHost: billing\r\nConnection: close\r\n\r\n")
+    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr())
         .await
         .unwrap();
+    tcp.write_all(
+        b"GET http://billing/headers HTTP/1.1\r\nHost: billing\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     tcp.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out);
@@ -173,7 +202,9 @@ async fn trailers_pass_through_for_http1_and_h2c_upstreams() {
 }
 
 /// A TCP relay that records every byte crossing between the two seams.
-async fn tap(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+async fn tap(
+    target: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -220,7 +251,11 @@ async fn the_link_between_seams_never_carries_plaintext() {
     .unwrap();
     let (tap_addr, seen) = tap(billing.inbound_addr()).await;
     let orders = seam::Sidecar::start(
-        config("orders", "http://127.0.0.1:9", peers("billing", &[tap_addr])),
+        config(
+            "orders",
+            "http://127.0.0.1:9",
+            peers("billing", &[tap_addr]),
+        ),
         identity(&ca, "orders"),
     )
     .await
@@ -236,13 +271,22 @@ async fn the_link_between_seams_never_carries_plaintext() {
         assert_eq!(resp.status(), 200);
         let (_, b) = read_all(resp).await;
         if path == "/echo" {
-            assert!(String::from_utf8_lossy(&b).contains(marker), "echo came back");
+            assert!(
+                String::from_utf8_lossy(&b).contains(marker),
+                "echo came back"
+            );
         }
     }
     let captured = seen.lock().unwrap().clone();
-    assert!(captured.len() > 1000, "the tap saw the traffic ({} bytes)", captured.len());
     assert!(
-        !captured.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        captured.len() > 1000,
+        "the tap saw the traffic ({} bytes)",
+        captured.len()
+    );
+    assert!(
+        !captured
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes()),
         "plaintext marker visible on the inter-seam link"
     );
 }
@@ -252,7 +296,10 @@ async fn one_handshake_for_many_sequential_and_concurrent_requests() {
     let mesh = Mesh::start().await;
     let client = mesh.h1();
     for _ in 0..1000 {
-        let resp = client.request(mesh.to_billing("GET", "/status/200", empty())).await.unwrap();
+        let resp = client
+            .request(mesh.to_billing("GET", "/status/200", empty()))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         read_all(resp).await;
     }
@@ -261,13 +308,29 @@ async fn one_handshake_for_many_sequential_and_concurrent_requests() {
     for _ in 0..100 {
         let req = mesh.to_billing("GET", "/status/204", empty());
         let h2 = h2.clone();
-        tasks.push(tokio::spawn(async move { h2.request(req).await.unwrap().status() }));
+        tasks.push(tokio::spawn(async move {
+            h2.request(req).await.unwrap().status()
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 204);
     }
-    assert_eq!(mesh.orders.client_sessions().stats().snapshot().handshakes_ok, 1);
-    assert_eq!(mesh.billing.server_sessions().stats().snapshot().handshakes_ok, 1);
+    assert_eq!(
+        mesh.orders
+            .client_sessions()
+            .stats()
+            .snapshot()
+            .handshakes_ok,
+        1
+    );
+    assert_eq!(
+        mesh.billing
+            .server_sessions()
+            .stats()
+            .snapshot()
+            .handshakes_ok,
+        1
+    );
 }
 
 #[tokio::test]
@@ -278,12 +341,21 @@ async fn concurrent_first_requests_coalesce_into_one_handshake() {
     for _ in 0..100 {
         let req = mesh.to_billing("GET", "/status/200", empty());
         let h2 = h2.clone();
-        tasks.push(tokio::spawn(async move { h2.request(req).await.unwrap().status() }));
+        tasks.push(tokio::spawn(async move {
+            h2.request(req).await.unwrap().status()
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
-    assert_eq!(mesh.orders.client_sessions().stats().snapshot().handshakes_ok, 1);
+    assert_eq!(
+        mesh.orders
+            .client_sessions()
+            .stats()
+            .snapshot()
+            .handshakes_ok,
+        1
+    );
 }
 
 #[tokio::test]
@@ -301,13 +373,27 @@ async fn restart_of_the_receiving_seam_is_invisible_to_the_app() {
         }
         mesh.restart_billing().await;
     }
-    let resp = client.request(mesh.to_billing("GET", "/status/200", empty())).await.unwrap();
+    let resp = client
+        .request(mesh.to_billing("GET", "/status/200", empty()))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(mesh.orders.stats().retries(), 3, "one resend per restart");
-    assert_eq!(mesh.orders.client_sessions().stats().snapshot().handshakes_ok, 4);
+    assert_eq!(
+        mesh.orders
+            .client_sessions()
+            .stats()
+            .snapshot()
+            .handshakes_ok,
+        4
+    );
 }
 
-async fn expect_failure(resp: http::Response<hyper::body::Incoming>, failure: Failure, words: &str) {
+async fn expect_failure(
+    resp: http::Response<hyper::body::Incoming>,
+    failure: Failure,
+    words: &str,
+) {
     assert_eq!(resp.status(), failure.status());
     assert_eq!(resp.headers()["seam-error"], failure.code());
     let (_, b) = read_all(resp).await;
@@ -319,7 +405,9 @@ async fn expect_failure(resp: http::Response<hyper::body::Incoming>, failure: Fa
 #[tokio::test]
 async fn unknown_service_is_404_from_seam() {
     let mesh = Mesh::start().await;
-    let req = http::Request::get("http://inventory:8080/").body(empty()).unwrap();
+    let req = http::Request::get("http://inventory:8080/")
+        .body(empty())
+        .unwrap();
     let resp = mesh.h1().request(req).await.unwrap();
     expect_failure(resp, Failure::UnknownService, "inventory").await;
     assert_eq!(mesh.orders.stats().failures(Failure::UnknownService), 1);
@@ -329,7 +417,11 @@ async fn unknown_service_is_404_from_seam() {
 async fn unreachable_peer_is_502_within_the_connect_timeout() {
     let ca = seam::identity::DevCa::new(TRUST_DOMAIN).unwrap();
     // A port that was just free: nothing listens there.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let orders = seam::Sidecar::start(
         config("orders", "http://127.0.0.1:9", peers("billing", &[closed])),
         identity(&ca, "orders"),
@@ -345,7 +437,11 @@ async fn unreachable_peer_is_502_within_the_connect_timeout() {
 
 #[tokio::test]
 async fn failed_endpoint_is_skipped_for_a_live_one() {
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mesh = Mesh::start().await;
     let ca = &mesh.ca;
     let orders = seam::Sidecar::start(
@@ -360,14 +456,20 @@ async fn failed_endpoint_is_skipped_for_a_live_one() {
     .unwrap();
     let client = client_via(orders.outbound_addr(), false);
     for _ in 0..10 {
-        let req = http::Request::get("http://billing/status/200").body(empty()).unwrap();
+        let req = http::Request::get("http://billing/status/200")
+            .body(empty())
+            .unwrap();
         assert_eq!(client.request(req).await.unwrap().status(), 200);
     }
 }
 
 #[tokio::test]
 async fn app_down_is_502_and_slow_app_is_504() {
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mesh = Mesh::start_with(
         |_| {},
         |b| {
@@ -375,20 +477,39 @@ async fn app_down_is_502_and_slow_app_is_504() {
         },
     )
     .await;
-    let resp = mesh.h1().request(mesh.to_billing("GET", "/hold", empty())).await.unwrap();
+    let resp = mesh
+        .h1()
+        .request(mesh.to_billing("GET", "/hold", empty()))
+        .await
+        .unwrap();
     expect_failure(resp, Failure::Timeout, "did not answer").await;
     mesh.app.release.notify_waiters();
 
-    let down = Mesh::start_with(|_| {}, |b| b.upstream.url = format!("http://{closed}").parse().unwrap()).await;
-    let resp = down.h1().request(down.to_billing("GET", "/", empty())).await.unwrap();
+    let down = Mesh::start_with(
+        |_| {},
+        |b| b.upstream.url = format!("http://{closed}").parse().unwrap(),
+    )
+    .await;
+    let resp = down
+        .h1()
+        .request(down.to_billing("GET", "/", empty()))
+        .await
+        .unwrap();
     expect_failure(resp, Failure::UpstreamUnavailable, "upstream").await;
-    assert_eq!(down.billing.stats().failures(Failure::UpstreamUnavailable), 1);
+    assert_eq!(
+        down.billing.stats().failures(Failure::UpstreamUnavailable),
+        1
+    );
 }
 
 #[tokio::test]
 async fn request_timeout_on_the_calling_side_is_504() {
     let mesh = Mesh::start_with(|o| o.timeouts.request = Duration::from_millis(300), |_| {}).await;
-    let resp = mesh.h1().request(mesh.to_billing("GET", "/hold", empty())).await.unwrap();
+    let resp = mesh
+        .h1()
+        .request(mesh.to_billing("GET", "/hold", empty()))
+        .await
+        .unwrap();
     expect_failure(resp, Failure::Timeout, "no response").await;
     assert_eq!(mesh.orders.stats().failures(Failure::Timeout), 1);
     mesh.app.release.notify_waiters();
@@ -397,7 +518,9 @@ async fn request_timeout_on_the_calling_side_is_504() {
 #[tokio::test]
 async fn request_without_a_target_is_400() {
     let mesh = Mesh::start().await;
-    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr()).await.unwrap();
+    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr())
+        .await
+        .unwrap();
     tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
     let mut out = Vec::new();
     tcp.read_to_end(&mut out).await.unwrap();
@@ -410,12 +533,20 @@ async fn request_without_a_target_is_400() {
 async fn inbound_port_refuses_plain_requests_and_garbage() {
     let mesh = Mesh::start().await;
     // Not TLS at all: the connection is closed without an HTTP answer.
-    let mut tcp = TcpStream::connect(mesh.billing.inbound_addr()).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut tcp = TcpStream::connect(mesh.billing.inbound_addr())
+        .await
+        .unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     let _ = tcp.read_to_end(&mut out).await;
     assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"));
     // The mesh still works afterwards.
-    let resp = mesh.h1().request(mesh.to_billing("GET", "/status/200", empty())).await.unwrap();
+    let resp = mesh
+        .h1()
+        .request(mesh.to_billing("GET", "/status/200", empty()))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use http::StatusCode;
 use serde::Serialize;
 
+use crate::admission::Breach;
 use crate::proxy::Failure;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,7 @@ pub struct Stats {
     inbound: DirectionCounters,
     failures: [AtomicU64; Failure::ALL.len()],
     retries: AtomicU64,
+    breaches: [AtomicU64; Breach::ALL.len()],
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -55,6 +57,7 @@ impl Default for Stats {
             inbound: DirectionCounters::default(),
             failures: Default::default(),
             retries: AtomicU64::new(0),
+            breaches: Default::default(),
         }
     }
 }
@@ -75,6 +78,23 @@ impl Stats {
 
     pub fn record_retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_breach(&self, breach: Breach) {
+        self.breaches[breach.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times a limit of `limits:` (or the caller rate limit) was hit.
+    pub fn breaches(&self, breach: Breach) -> u64 {
+        self.breaches[breach.index()].load(Ordering::Relaxed)
+    }
+
+    /// `{ "handshake-rate": 0, ... }` for every limit.
+    pub fn breach_map(&self) -> serde_json::Map<String, serde_json::Value> {
+        Breach::ALL
+            .iter()
+            .map(|b| (b.code().to_owned(), self.breaches(*b).into()))
+            .collect()
     }
 
     pub fn failures(&self, failure: Failure) -> u64 {

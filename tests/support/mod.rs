@@ -22,8 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use seam::Sidecar;
 use seam::config::{
-    Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig, TimeoutConfig,
-    TlsConfig, UpstreamConfig, UpstreamProtocol,
+    Config, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
+    TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use seam::identity::{DevCa, Identity};
 use sha2::{Digest, Sha256};
@@ -147,13 +147,13 @@ impl App {
         let release_for_app = release.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 let stream_tx = stream_tx.clone();
                 let release = release_for_app.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        route(req, stream_tx.clone(), release.clone())
-                    });
+                    let svc = service_fn(move |req| route(req, stream_tx.clone(), release.clone()));
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
@@ -227,7 +227,10 @@ async fn route(
             let mut len = 0u64;
             while let Some(frame) = body.frame().await {
                 let Ok(frame) = frame else {
-                    return Ok(Response::builder().status(400).body(full("body error")).unwrap());
+                    return Ok(Response::builder()
+                        .status(400)
+                        .body(full("body error"))
+                        .unwrap());
                 };
                 if let Ok(d) = frame.into_data() {
                     len += d.len() as u64;
@@ -239,7 +242,8 @@ async fn route(
         // Echoes the request body back as it arrives.
         "echo" => {
             let ct = req.headers().get("content-type").cloned();
-            let mut resp = Response::new(req.into_body().map_err(|_| unreachable!()).boxed_unsync());
+            let mut resp =
+                Response::new(req.into_body().map_err(|_| unreachable!()).boxed_unsync());
             if let Some(ct) = ct {
                 resp.headers_mut().insert("content-type", ct);
             }
@@ -254,7 +258,11 @@ async fn route(
                 .unwrap()
         }
         "status" => {
-            let code = rest.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::OK);
+            let code = rest
+                .parse()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::OK);
             Response::builder()
                 .status(code)
                 .header("x-custom", "kept")
@@ -282,7 +290,10 @@ async fn route(
             release.notified().await;
             Response::new(full("released"))
         }
-        _ => Response::builder().status(404).body(full("no such route")).unwrap(),
+        _ => Response::builder()
+            .status(404)
+            .body(full("no such route"))
+            .unwrap(),
     };
     Ok(resp)
 }
@@ -333,15 +344,27 @@ pub fn config(service: &str, upstream: &str, peers: BTreeMap<String, Vec<SocketA
             drain: Duration::from_secs(5),
         },
         runtime: RuntimeConfig::default(),
+        limits: LimitsConfig::default(),
     }
 }
 
 pub fn identity(ca: &DevCa, service: &str) -> Identity {
     let now = SystemTime::now();
     let cert = ca
-        .issue(service, now - Duration::from_secs(60), now + Duration::from_secs(3600))
+        .issue(
+            service,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        )
         .unwrap();
-    Identity::from_pem(&ca.ca_pem(), &cert.cert_pem, &cert.key_pem, TRUST_DOMAIN, service).unwrap()
+    Identity::from_pem(
+        &ca.ca_pem(),
+        &cert.cert_pem,
+        &cert.key_pem,
+        TRUST_DOMAIN,
+        service,
+    )
+    .unwrap()
 }
 
 pub fn peers(name: &str, addrs: &[SocketAddr]) -> BTreeMap<String, Vec<SocketAddr>> {
@@ -362,8 +385,14 @@ impl Mesh {
         let app = App::start().await;
         let mut bc = config("billing", &app.url(), BTreeMap::new());
         billing_cfg(&mut bc);
-        let billing = Sidecar::start(bc.clone(), identity(&ca, "billing")).await.unwrap();
-        let mut oc = config("orders", "http://127.0.0.1:9", peers("billing", &[billing.inbound_addr()]));
+        let billing = Sidecar::start(bc.clone(), identity(&ca, "billing"))
+            .await
+            .unwrap();
+        let mut oc = config(
+            "orders",
+            "http://127.0.0.1:9",
+            peers("billing", &[billing.inbound_addr()]),
+        );
         orders_cfg(&mut oc);
         let orders = Sidecar::start(oc, identity(&ca, "orders")).await.unwrap();
         // Later restarts of billing reuse its port, so orders keeps pointing at it.
@@ -394,7 +423,9 @@ impl Mesh {
         assert!(old.shutdown().await, "billing drained");
         let placeholder = std::mem::replace(
             &mut self.billing,
-            Sidecar::start(fresh_config, identity(&self.ca, "billing")).await.unwrap(),
+            Sidecar::start(fresh_config, identity(&self.ca, "billing"))
+                .await
+                .unwrap(),
         );
         placeholder.shutdown().await;
     }
