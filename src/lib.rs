@@ -37,6 +37,8 @@ use admin::stats::Stats;
 use admission::{Activity, Admission, Breach, Tracked};
 use config::Config;
 use identity::{Identity, IdentityError, peer_identity};
+use proxy::Failure;
+use proxy::framing::FramingIo;
 use proxy::inbound::Inbound;
 use proxy::outbound::Outbound;
 use proxy::peer::PeerPool;
@@ -351,17 +353,29 @@ async fn serve_outbound(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let activity = Arc::new(Activity::default());
     let tracker = activity.clone();
+    let (io, verdicts) = FramingIo::new(tcp, limits.max_header_bytes);
     let svc = service_fn(move |req| {
         let outbound = outbound.clone();
         let guard = tracker.begin();
+        let verdict = verdicts.next();
         async move {
-            let resp = outbound.handle(req).await?;
+            let resp = match verdict {
+                // hyper closes the connection after such a request, so nothing that
+                // follows it on the wire is read as a request either.
+                Err(shape) => outbound.refuse(
+                    Failure::BadRequest,
+                    format!(
+                        "seam: refused a request that {}; such a request can be read two \
+                         ways by two HTTP parsers (request smuggling); fix the client",
+                        shape.describe()
+                    ),
+                ),
+                Ok(()) => outbound.handle(req).await?,
+            };
             Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
         }
     });
-    let conn = builder
-        .serve_connection(TokioIo::new(tcp), svc)
-        .into_owned();
+    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
     let result = tokio::select! {
         r = watcher.watch(conn) => r,
         _ = activity.idle(limits.idle_timeout) => {

@@ -303,6 +303,14 @@ impl Outbound {
         self.fail(failure, format!("seam({}): {service}: {e}", self.service))
     }
 
+    /// A refusal decided before the request reached [`Outbound::handle`], counted like
+    /// the others.
+    pub fn refuse(&self, failure: Failure, message: String) -> Response<OutboundBody> {
+        let resp = self.fail(failure, message);
+        self.stats.record_status(Direction::Outbound, resp.status());
+        resp
+    }
+
     fn fail(&self, failure: Failure, message: String) -> Response<OutboundBody> {
         self.stats.record_failure(failure);
         tracing::warn!(failure = failure.code(), "{message}");
