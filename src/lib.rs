@@ -113,8 +113,10 @@ impl Sidecar {
             Upstream::new(&config.upstream, config.timeouts.connect),
             config.timeouts.request,
             stats.clone(),
-            callers.clone(),
-            admission.clone(),
+            proxy::inbound::Gate {
+                callers: callers.clone(),
+                admission: admission.clone(),
+            },
         ));
         let admin = Arc::new(Admin {
             service: config.service.clone(),

@@ -49,6 +49,14 @@ pub fn is_peer_failure<B>(resp: &Response<B>) -> bool {
     .any(|f| code.as_bytes() == f.code().as_bytes())
 }
 
+/// What admits a request on the inbound side before any of it is opened.
+pub struct Gate {
+    /// The rate limit keyed by the authenticated caller.
+    pub callers: Arc<CallerLimiter>,
+    /// Where breaches are counted and logged.
+    pub admission: Arc<Admission>,
+}
+
 pub struct Inbound {
     local: SpiffeId,
     service: String,
@@ -69,8 +77,7 @@ impl Inbound {
         upstream: Upstream,
         request_timeout: Duration,
         stats: Arc<Stats>,
-        callers: Arc<CallerLimiter>,
-        admission: Arc<Admission>,
+        gate: Gate,
     ) -> Self {
         Self {
             service: local.service().to_owned(),
@@ -80,8 +87,8 @@ impl Inbound {
             upstream,
             request_timeout,
             stats,
-            callers,
-            admission,
+            callers: gate.callers,
+            admission: gate.admission,
         }
     }
 
