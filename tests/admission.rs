@@ -452,3 +452,81 @@ async fn upgrade_h2c_is_never_forwarded() {
     assert!(!body.contains("\"upgrade\""), "{reply}");
     assert!(!body.contains("http2-settings"), "{reply}");
 }
+
+/// Reads one HTTP/2 frame: (type, flags, stream id, payload).
+async fn read_frame(tcp: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    tcp.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], stream, payload))
+}
+
+fn headers_frame(stream: u32, path: &str) -> Vec<u8> {
+    // HPACK: :method GET, :scheme http (static indexed), then :path and :authority as
+    // literals without indexing on static names 4 and 1.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 7]);
+    block.extend_from_slice(b"billing");
+    let len = (block.len() as u32).to_be_bytes();
+    // Type HEADERS, flags END_STREAM | END_HEADERS.
+    let mut frame = vec![len[1], len[2], len[3], 0x1, 0x5];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(&block);
+    frame
+}
+
+#[tokio::test]
+async fn http2_streams_beyond_the_limit_are_refused() {
+    let mesh = Mesh::start_with(|o| o.limits.max_streams = 1, |_| {}).await;
+    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr())
+        .await
+        .unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tcp.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+    // Acknowledge the server's SETTINGS so its stream limit is in force.
+    let mut advertised = None;
+    for _ in 0..10 {
+        let (kind, flags, _, payload) = read_frame(&mut tcp).await.expect("server frame");
+        if kind == 0x4 && flags & 0x1 == 0 {
+            for setting in payload.chunks(6) {
+                if setting[..2] == [0, 3] {
+                    advertised = Some(u32::from_be_bytes([
+                        setting[2], setting[3], setting[4], setting[5],
+                    ]));
+                }
+            }
+            tcp.write_all(&[0, 0, 0, 0x4, 0x1, 0, 0, 0, 0])
+                .await
+                .unwrap();
+            break;
+        }
+    }
+    assert_eq!(advertised, Some(1), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    // Stream 1 waits in the app; stream 3 is one too many.
+    tcp.write_all(&headers_frame(1, "/hold")).await.unwrap();
+    tcp.write_all(&headers_frame(3, "/status/200"))
+        .await
+        .unwrap();
+    let mut refused = None;
+    for _ in 0..20 {
+        let Some((kind, _, stream, payload)) = read_frame(&mut tcp).await else {
+            break;
+        };
+        if kind == 0x3 {
+            refused = Some((
+                stream,
+                u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+            ));
+            break;
+        }
+    }
+    // RST_STREAM with REFUSED_STREAM (7): the client may retry it elsewhere.
+    assert_eq!(refused, Some((3, 7)));
+    mesh.app.release.notify_waiters();
+}
