@@ -298,7 +298,7 @@ async fn connections_beyond_the_limit_are_closed() {
     let mut found = false;
     // The release is observed by the accept loop shortly after the close; retry a
     // bounded number of times instead of sleeping.
-    for _ in 0..50 {
+    for _ in 0..500 {
         let head = raw_exchange(addr, request).await;
         if head.starts_with("HTTP/1.1 200") {
             found = true;
