@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 
 use seam::Sidecar;
 use seam::config::{
-    AdminConfig, Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
+    AdminConfig, Config, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
     TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use seam::handshake::{ClientHandshake, respond};
@@ -52,6 +52,7 @@ fn config(upstream: SocketAddr) -> Config {
         timeouts: TimeoutConfig::default(),
         runtime: RuntimeConfig::default(),
         admin: AdminConfig::default(),
+        limits: LimitsConfig::default(),
     }
 }
 

@@ -50,6 +50,7 @@ pub struct Config {
     pub timeouts: TimeoutConfig,
     pub runtime: RuntimeConfig,
     pub admin: AdminConfig,
+    pub limits: LimitsConfig,
 }
 
 /// Addresses this seam binds.
@@ -155,6 +156,31 @@ pub struct AdminConfig {
     pub access_log: bool,
 }
 
+/// Connection-level admission limits (DESIGN §4): what one peer or client may hold or
+/// send before seam refuses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimitsConfig {
+    /// Inbound TLS handshakes one source IP may start per second (also the burst).
+    pub handshakes_per_ip: NonZeroU32,
+    /// Open connections per listener; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection; more are refused (REFUSED_STREAM).
+    pub max_streams: u32,
+    /// Bytes of request head (HTTP/1.1 buffer, HTTP/2 header list); more get 431.
+    pub max_header_bytes: usize,
+    /// Time an HTTP/1.1 client has to send a whole request head (slowloris guard).
+    #[serde(serialize_with = "serialize_duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no bytes moving this long is closed.
+    #[serde(serialize_with = "serialize_duration")]
+    pub idle_timeout: Duration,
+    /// Largest request body the app may send through the mesh; `None` for no limit.
+    pub max_body_bytes: Option<u64>,
+    /// Failed messages (bad frames, unknown sessions, failed decryption) one inbound
+    /// connection may cause before seam closes it.
+    pub peer_failures: u32,
+}
+
 /// Why a configuration could not be loaded. Each variant renders as one line that
 /// starts with `FILE:LINE:COLUMN:` when the position is known.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +230,7 @@ struct RawConfig {
     timeouts: Option<RawTimeouts>,
     runtime: Option<RawRuntime>,
     admin: Option<RawAdmin>,
+    limits: Option<RawLimits>,
 }
 
 #[derive(Deserialize)]
@@ -284,6 +311,19 @@ struct RawAdmin {
     access_log: Option<bool>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    handshakes_per_ip: Option<Spanned<u32>>,
+    max_connections: Option<Spanned<u64>>,
+    max_streams: Option<Spanned<u32>>,
+    max_header_bytes: Option<Spanned<u64>>,
+    header_read_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_body_bytes: Option<Spanned<u64>>,
+    peer_failures: Option<Spanned<u32>>,
+}
+
 /// A mapping kept as a list in document order, so validation reports the first bad
 /// entry as written and keys can keep their own locations.
 struct Entries<K, V>(Vec<(K, V)>);
@@ -341,6 +381,26 @@ impl Default for Quota {
         Quota::Limited {
             per_second: DEFAULT_PER_SECOND,
             burst: DEFAULT_BURST,
+        }
+    }
+}
+
+/// hyper refuses an HTTP/1.1 read buffer smaller than this.
+const MIN_HEADER_BYTES: u64 = 8 * 1024;
+/// HTTP/2 header list sizes are u32 on the wire.
+const MAX_HEADER_BYTES: u64 = u32::MAX as u64;
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            handshakes_per_ip: NonZeroU32::new(50).unwrap_or(NonZeroU32::MIN),
+            max_connections: 10_000,
+            max_streams: 256,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5 * 60),
+            max_body_bytes: None,
+            peer_failures: 10,
         }
     }
 }
@@ -695,6 +755,7 @@ fn validate(raw: &Spanned<RawConfig>, check: &Checker) -> Result<Config, ConfigE
     let timeouts = validate_timeouts(raw.timeouts.as_ref(), check)?;
     let runtime = validate_runtime(raw.runtime.as_ref(), check)?;
     let admin = validate_admin(raw, &listen, check)?;
+    let limits = validate_limits(raw.limits.as_ref(), check)?;
     Ok(Config {
         service,
         trust_domain,
@@ -707,6 +768,7 @@ fn validate(raw: &Spanned<RawConfig>, check: &Checker) -> Result<Config, ConfigE
         timeouts,
         runtime,
         admin,
+        limits,
     })
 }
 
@@ -1036,6 +1098,105 @@ fn validate_runtime(
         })?;
     Ok(RuntimeConfig {
         worker_threads: Some(worker_threads),
+    })
+}
+
+fn validate_limits(raw: Option<&RawLimits>, check: &Checker) -> Result<LimitsConfig, ConfigError> {
+    let defaults = LimitsConfig::default();
+    let Some(raw) = raw else {
+        return Ok(defaults);
+    };
+    let handshakes_per_ip = match &raw.handshakes_per_ip {
+        None => defaults.handshakes_per_ip,
+        Some(n) => NonZeroU32::new(n.value).ok_or_else(|| {
+            check.error(
+                n.referenced,
+                "limits.handshakes_per_ip is 0, which would refuse every peer; give at least 1 \
+                 (handshakes per second from one IP address)",
+            )
+        })?,
+    };
+    let max_connections = check.at_least_one(
+        "limits.max_connections",
+        raw.max_connections.as_ref(),
+        defaults.max_connections as u64,
+    )?;
+    let max_connections = usize::try_from(max_connections).map_err(|_| {
+        let at = raw
+            .max_connections
+            .as_ref()
+            .map_or(Location::UNKNOWN, |n| n.referenced);
+        check.error(
+            at,
+            "limits.max_connections is too large for this machine; lower it",
+        )
+    })?;
+    let max_streams = match &raw.max_streams {
+        None => defaults.max_streams,
+        Some(n) if n.value >= 1 => n.value,
+        Some(n) => {
+            return Err(check.error(
+                n.referenced,
+                "limits.max_streams is 0, which would refuse every HTTP/2 request; give at \
+                 least 1",
+            ));
+        }
+    };
+    let max_header_bytes = match &raw.max_header_bytes {
+        None => defaults.max_header_bytes,
+        Some(n) if (MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&n.value) => {
+            usize::try_from(n.value).unwrap_or(usize::MAX)
+        }
+        Some(n) => {
+            return Err(check.error(
+                n.referenced,
+                format!(
+                    "limits.max_header_bytes is {}; give {MIN_HEADER_BYTES} to \
+                     {MAX_HEADER_BYTES} (HTTP/1.1 needs at least {MIN_HEADER_BYTES} bytes of \
+                     buffer)",
+                    n.value
+                ),
+            ));
+        }
+    };
+    let max_body_bytes = match &raw.max_body_bytes {
+        None => defaults.max_body_bytes,
+        Some(n) if n.value >= 1 => Some(n.value),
+        Some(n) => {
+            return Err(check.error(
+                n.referenced,
+                "limits.max_body_bytes is 0, which would refuse every request with a body; \
+                 give at least 1, or leave it out for no limit",
+            ));
+        }
+    };
+    let peer_failures = match &raw.peer_failures {
+        None => defaults.peer_failures,
+        Some(n) if n.value >= 1 => n.value,
+        Some(n) => {
+            return Err(check.error(
+                n.referenced,
+                "limits.peer_failures is 0, which would close every connection; give at least 1",
+            ));
+        }
+    };
+    Ok(LimitsConfig {
+        handshakes_per_ip,
+        max_connections,
+        max_streams,
+        max_header_bytes,
+        header_read_timeout: check.duration(
+            "limits.header_read_timeout",
+            raw.header_read_timeout.as_ref(),
+            defaults.header_read_timeout,
+        )?,
+        idle_timeout: check.duration(
+            "limits.idle_timeout",
+            raw.idle_timeout.as_ref(),
+            defaults.idle_timeout,
+        )?,
+        max_body_bytes,
+        peer_failures,
     })
 }
 

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    AdminConfig, Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
+    AdminConfig, Config, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
     TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use crate::identity::{DevCa, Identity, IdentityError};
@@ -606,6 +606,7 @@ fn seam_config(
         timeouts: TimeoutConfig::default(),
         runtime: RuntimeConfig::default(),
         admin: AdminConfig::default(),
+        limits: LimitsConfig::default(),
     })
 }
 

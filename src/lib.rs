@@ -7,12 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod demo;
 pub mod handshake;
 pub mod identity;
 pub mod logging;
 pub mod proxy;
+pub mod ratelimit;
 pub mod session;
 
 use std::future::Future;
@@ -26,18 +28,23 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use admin::Admin;
 use admin::stats::Stats;
+use admission::{Activity, Admission, Breach, Tracked};
 use config::Config;
 use identity::{Identity, IdentityError, peer_identity};
+use proxy::Failure;
+use proxy::framing::FramingIo;
 use proxy::inbound::Inbound;
 use proxy::outbound::Outbound;
 use proxy::peer::PeerPool;
 use proxy::upstream::Upstream;
+use ratelimit::CallerLimiter;
 use session::{SessionCache, SessionLimits};
 
 /// How long a peer may take to finish its TLS handshake on the inbound port.
@@ -63,6 +70,8 @@ pub struct Sidecar {
     inbound_addr: SocketAddr,
     admin_addr: SocketAddr,
     admin: Arc<Admin>,
+    admission: Arc<Admission>,
+    callers: Arc<CallerLimiter>,
     drain: Duration,
     data_plane: CancellationToken,
     admin_plane: CancellationToken,
@@ -87,15 +96,20 @@ impl Sidecar {
         let server_sessions = SessionCache::new(limits, config.session.max_sessions);
         let peers = PeerPool::new(&identity, &config.peers, config.timeouts.connect)?;
         let acceptor = TlsAcceptor::from(identity.server_config()?);
+        let admission = Arc::new(Admission::new(config.limits.clone(), stats.clone()));
+        let callers = Arc::new(CallerLimiter::new(&config.rate_limit));
 
-        let outbound = Arc::new(Outbound::new(
-            config.service.clone(),
-            peers,
-            client_sessions.clone(),
-            limits,
-            config.timeouts.request,
-            stats.clone(),
-        ));
+        let outbound = Arc::new(
+            Outbound::new(
+                config.service.clone(),
+                peers,
+                client_sessions.clone(),
+                limits,
+                config.timeouts.request,
+                stats.clone(),
+            )
+            .with_max_body(config.limits.max_body_bytes),
+        );
         let inbound = Arc::new(Inbound::new(
             identity.spiffe_id().clone(),
             server_sessions.clone(),
@@ -103,6 +117,10 @@ impl Sidecar {
             Upstream::new(&config.upstream, config.timeouts.connect),
             config.timeouts.request,
             stats.clone(),
+            proxy::inbound::Gate {
+                callers: callers.clone(),
+                admission: admission.clone(),
+            },
         ));
         let admin = Arc::new(Admin::new(
             &config,
@@ -110,6 +128,7 @@ impl Sidecar {
             client_sessions,
             server_sessions,
             identity.not_after(),
+            callers.clone(),
         ));
 
         let outbound_listener = bind("outbound", config.listen.outbound).await?;
@@ -122,15 +141,21 @@ impl Sidecar {
         let data_plane = CancellationToken::new();
         let admin_plane = CancellationToken::new();
         let trust_domain: Arc<str> = config.trust_domain.clone().into();
+        let outbound_admission = admission.clone();
+        let inbound_admission = admission.clone();
         let data_tasks = vec![
             tokio::spawn(accept_loop(
                 outbound_listener,
                 data_plane.clone(),
-                move |tcp, _, watcher| serve_outbound(tcp, watcher, outbound.clone()),
+                Some(admission.clone()),
+                move |tcp, _, watcher| {
+                    serve_outbound(tcp, watcher, outbound.clone(), outbound_admission.clone())
+                },
             )),
             tokio::spawn(accept_loop(
                 inbound_listener,
                 data_plane.clone(),
+                Some(admission.clone()),
                 move |tcp, remote, watcher| {
                     serve_inbound(
                         tcp,
@@ -139,6 +164,7 @@ impl Sidecar {
                         acceptor.clone(),
                         trust_domain.clone(),
                         inbound.clone(),
+                        inbound_admission.clone(),
                     )
                 },
             )),
@@ -147,6 +173,7 @@ impl Sidecar {
         let admin_task = tokio::spawn(accept_loop(
             admin_listener,
             admin_plane.clone(),
+            None,
             move |tcp, _, watcher| serve_admin(tcp, watcher, admin_for_loop.clone()),
         ));
         // The upstream check runs on its own schedule so /health answers from memory.
@@ -178,6 +205,8 @@ impl Sidecar {
             inbound_addr,
             admin_addr,
             admin,
+            admission,
+            callers,
             drain: config.timeouts.drain,
             data_plane,
             admin_plane,
@@ -205,6 +234,16 @@ impl Sidecar {
 
     pub fn stats(&self) -> &Arc<Stats> {
         &self.admin.stats
+    }
+
+    /// Connection-level limits and their counters.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// The inbound rate limiter keyed by caller, with its per-caller refusal counts.
+    pub fn callers(&self) -> &Arc<CallerLimiter> {
+        &self.callers
     }
 
     pub fn client_sessions(&self) -> &SessionCache<String> {
@@ -272,20 +311,49 @@ fn local_addr(listener: &'static str, l: &TcpListener) -> Result<SocketAddr, Sid
 }
 
 /// Accepts until `stop`, handing each connection to `serve` with a watcher; then waits
-/// for the watched connections to finish their in-flight requests.
-async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, serve: F)
-where
+/// for the watched connections to finish their in-flight requests. With `admission`,
+/// at most `limits.max_connections` connections are served at once; one more is
+/// closed as soon as it is accepted, so the backlog cannot hold the listener hostage.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    admission: Option<Arc<Admission>>,
+    serve: F,
+) where
     F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let permits = admission
+        .as_ref()
+        .map(|a| Arc::new(Semaphore::new(a.limits.max_connections)));
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
-                    tokio::spawn(serve(tcp, remote, graceful.watcher()));
+                    let permit = match (&permits, &admission) {
+                        (Some(p), Some(a)) => match p.clone().try_acquire_owned() {
+                            Ok(permit) => Some(permit),
+                            Err(_) => {
+                                a.breach(Breach::Connections, &format!(
+                                    "{} connections open on {}; closing new ones (raise \
+                                     limits.max_connections if this load is expected)",
+                                    a.limits.max_connections,
+                                    listener.local_addr().map_or("a listener".into(), |l| l.to_string()),
+                                ));
+                                drop(tcp);
+                                continue;
+                            }
+                        },
+                        _ => None,
+                    };
+                    let served = serve(tcp, remote, graceful.watcher());
+                    tokio::spawn(async move {
+                        served.await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors or similar: back off instead of spinning.
@@ -299,17 +367,79 @@ where
     graceful.shutdown().await;
 }
 
-async fn serve_outbound(tcp: TcpStream, watcher: Watcher, outbound: Arc<Outbound>) {
+async fn serve_outbound(
+    tcp: TcpStream,
+    watcher: Watcher,
+    outbound: Arc<Outbound>,
+    admission: Arc<Admission>,
+) {
     let _ = tcp.set_nodelay(true);
+    let limits = &admission.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let svc = service_fn(move |req| outbound.clone().handle(req));
-    let conn = builder
-        .serve_connection(TokioIo::new(tcp), svc)
-        .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "outbound connection ended with an error");
+    // hyper answers 431 itself when a head outgrows the buffer, and closes a
+    // connection whose head is not complete within the timeout (slowloris).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let activity = Arc::new(Activity::default());
+    let tracker = activity.clone();
+    let (io, verdicts) = FramingIo::new(tcp, limits.max_header_bytes);
+    let svc = service_fn(move |req| {
+        let outbound = outbound.clone();
+        let guard = tracker.begin();
+        let verdict = verdicts.next();
+        async move {
+            let resp = match verdict {
+                // hyper closes the connection after such a request, so nothing that
+                // follows it on the wire is read as a request either.
+                Err(shape) => outbound.refuse(
+                    Failure::BadRequest,
+                    format!(
+                        "seam: refused a request that {}; such a request can be read two \
+                         ways by two HTTP parsers (request smuggling); fix the client",
+                        shape.describe()
+                    ),
+                ),
+                Ok(()) => outbound.handle(req).await?,
+            };
+            Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+    let result = tokio::select! {
+        r = watcher.watch(conn) => r,
+        _ = activity.idle(limits.idle_timeout) => {
+            admission.breach(Breach::Idle, "closed an idle outbound connection");
+            return;
+        }
+    };
+    if let Err(e) = result {
+        match e.downcast_ref::<hyper::Error>() {
+            Some(h) if h.is_timeout() => admission.breach(
+                Breach::HeaderTimeout,
+                &format!(
+                    "an app connection did not send a request head within {:?}; closed it \
+                     (limits.header_read_timeout)",
+                    limits.header_read_timeout
+                ),
+            ),
+            Some(h) if h.is_parse_too_large() => admission.breach(
+                Breach::HeaderSize,
+                &format!(
+                    "an app sent a request head over {} bytes; answered 431 \
+                     (limits.max_header_bytes)",
+                    limits.max_header_bytes
+                ),
+            ),
+            _ => tracing::debug!(error = %e, "outbound connection ended with an error"),
+        }
     }
 }
 
@@ -320,7 +450,12 @@ async fn serve_inbound(
     acceptor: TlsAcceptor,
     trust_domain: Arc<str>,
     inbound: Arc<Inbound>,
+    admission: Arc<Admission>,
 ) {
+    // Before any TLS work: a handshake costs this seam far more than it costs the peer.
+    if !admission.admit_handshake(remote.ip()) {
+        return;
+    }
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -340,13 +475,60 @@ async fn serve_inbound(
             return;
         }
     };
+    let limits = &admission.limits;
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new());
     proxy::h2_tuning::server(&mut builder);
-    let svc = service_fn(move |req| inbound.clone().handle(req, caller.clone()));
+    builder
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let activity = Arc::new(Activity::default());
+    let tracker = activity.clone();
+    // Failed messages on this connection; past the threshold the peer is cut off, so
+    // a broken or hostile peer cannot keep the seam decrypting garbage.
+    let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let cut_off = CancellationToken::new();
+    let threshold = limits.peer_failures;
+    let svc = {
+        let failures = failures.clone();
+        let cut_off = cut_off.clone();
+        service_fn(move |req| {
+            let inbound = inbound.clone();
+            let caller = caller.clone();
+            let failures = failures.clone();
+            let cut_off = cut_off.clone();
+            let guard = tracker.begin();
+            async move {
+                let resp = inbound.handle(req, caller).await?;
+                if proxy::inbound::is_peer_failure(&resp)
+                    && failures.fetch_add(1, Ordering::Relaxed) + 1 >= threshold
+                {
+                    cut_off.cancel();
+                }
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
+            }
+        })
+    };
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(%remote, error = %e, "inbound connection ended with an error");
+    tokio::select! {
+        r = watcher.watch(conn) => {
+            if let Err(e) = r {
+                tracing::debug!(%remote, error = %e, "inbound connection ended with an error");
+            }
+        }
+        _ = activity.idle(limits.idle_timeout) => {
+            admission.breach(Breach::Idle, "closed an idle inbound connection");
+        }
+        _ = cut_off.cancelled() => {
+            admission.breach(
+                Breach::PeerFailures,
+                &format!(
+                    "{remote} sent {} failed messages on one connection; closed it \
+                     (limits.peer_failures)",
+                    failures.load(Ordering::Relaxed)
+                ),
+            );
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use seam::config::{Config, ConfigError, Quota, UpstreamProtocol};
+use seam::config::{Config, ConfigError, LimitsConfig, Quota, UpstreamProtocol};
 use tempfile::TempDir;
 
 /// A small valid config; the bad-input tests change one line of it, so the line numbers
@@ -623,4 +623,63 @@ fn admin_durations_are_checked() {
     let (_dir, path, result) = load_text(&text);
     let err = result.expect_err("bad duration");
     assert_error(&path, &err, 20, &["admin.cert_warning 'soon'", "30s"]);
+}
+
+#[test]
+fn limits_take_their_defaults_and_the_example_values() {
+    let (_dir, _path, result) = load_text(BASE);
+    let limits = result.expect("BASE is valid").limits;
+    assert_eq!(limits, LimitsConfig::default());
+    assert_eq!(limits.handshakes_per_ip.get(), 50);
+    assert_eq!(limits.max_connections, 10_000);
+    assert_eq!(limits.max_streams, 256);
+    assert_eq!(limits.max_header_bytes, 64 * 1024);
+    assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(limits.idle_timeout, Duration::from_secs(300));
+    assert_eq!(limits.max_body_bytes, None);
+    assert_eq!(limits.peer_failures, 10);
+
+    let dir = mesh_dir();
+    let config = Config::load(&dir.path().join("orders.yaml")).expect("orders.yaml is valid");
+    assert_eq!(config.limits.max_body_bytes, Some(10 * 1024 * 1024));
+    assert_eq!(config.limits.header_read_timeout, Duration::from_secs(10));
+}
+
+#[test]
+fn limits_are_validated_with_their_position() {
+    let cases = [
+        ("handshakes_per_ip: 0", "limits.handshakes_per_ip is 0"),
+        ("max_connections: 0", "limits.max_connections is 0"),
+        ("max_streams: 0", "limits.max_streams is 0"),
+        (
+            "max_header_bytes: 100",
+            "limits.max_header_bytes is 100; give 8192",
+        ),
+        ("header_read_timeout: 0s", "limits.header_read_timeout is 0"),
+        (
+            "idle_timeout: soon",
+            "limits.idle_timeout 'soon' is not a duration",
+        ),
+        ("max_body_bytes: 0", "limits.max_body_bytes is 0"),
+        ("peer_failures: 0", "limits.peer_failures is 0"),
+    ];
+    for (line, words) in cases {
+        let text = format!("{BASE}limits:\n  {line}\n");
+        let (_dir, path, result) = load_text(&text);
+        let err = result.expect_err(line);
+        assert_error(&path, &err, 21, &[words]);
+        assert_eq!(
+            err.column(),
+            Some(line.find(' ').unwrap() as u64 + 4),
+            "{err}"
+        );
+    }
+    let (_dir, path, result) = load_text(&format!("{BASE}limits:\n  max_conections: 5\n"));
+    let err = result.expect_err("typo");
+    assert_error(
+        &path,
+        &err,
+        21,
+        &["unknown key 'max_conections'", "max_connections"],
+    );
 }

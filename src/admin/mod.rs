@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::logging::LogControl;
+use crate::ratelimit::CallerLimiter;
 use crate::session::{Role, SessionCache, SessionInfo, SessionState};
 use health::{Status, UpstreamProbe};
 use stats::{Direction, Stats};
@@ -53,6 +54,8 @@ pub struct Admin {
     pub cert_not_after: SystemTime,
     /// Set by the binary after it installed logging; embedded seams may have none.
     pub log: OnceLock<LogControl>,
+    /// The inbound per-caller limiter, for its refusal counts.
+    pub callers: Arc<CallerLimiter>,
 }
 
 /// Why an admin request was refused; rendered as the plain-text body.
@@ -121,6 +124,7 @@ impl Admin {
         client_sessions: SessionCache<String>,
         server_sessions: SessionCache<Uuid>,
         cert_not_after: SystemTime,
+        callers: Arc<CallerLimiter>,
     ) -> Admin {
         Admin {
             service: config.service.clone(),
@@ -134,6 +138,7 @@ impl Admin {
             upstream_probe: UpstreamProbe::default(),
             cert_not_after,
             log: OnceLock::new(),
+            callers,
         }
     }
 
@@ -343,8 +348,10 @@ impl Admin {
                 "client_sessions": { "received": c_rx, "sent": c_tx },
                 "server_sessions": { "received": s_rx, "sent": s_tx },
             },
-            // Filled by the per-caller rate limiter (DESIGN §4) once it lands.
-            "rate_limited": {},
+            // Rows are bounded by the limiter (configured services plus a capped set
+            // of callers, the rest folded into one row).
+            "rate_limited": self.callers.refused().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "limit_breaches": self.stats.breach_map(),
             "failures": self.stats.failure_map(),
             "open_failures": self.stats.open_failures(),
             "peers": self.stats.peers(),

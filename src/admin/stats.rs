@@ -11,6 +11,7 @@ use http::StatusCode;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 
+use crate::admission::Breach;
 use crate::proxy::Failure;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,7 @@ pub struct Stats {
     /// Time from request head to response head, per direction.
     durations: [Histogram; 2],
     access_log: bool,
+    breaches: [AtomicU64; Breach::ALL.len()],
 }
 
 /// What the outbound side saw of one configured peer.
@@ -143,6 +145,7 @@ impl Stats {
             open_failures: Mutex::default(),
             durations: [duration_histogram(), duration_histogram()],
             access_log,
+            breaches: Default::default(),
         }
     }
 
@@ -203,6 +206,23 @@ impl Stats {
 
     pub fn record_retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_breach(&self, breach: Breach) {
+        self.breaches[breach.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times a limit of `limits:` (or the caller rate limit) was hit.
+    pub fn breaches(&self, breach: Breach) -> u64 {
+        self.breaches[breach.index()].load(Ordering::Relaxed)
+    }
+
+    /// `{ "handshake-rate": 0, ... }` for every limit.
+    pub fn breach_map(&self) -> serde_json::Map<String, serde_json::Value> {
+        Breach::ALL
+            .iter()
+            .map(|b| (b.code().to_owned(), self.breaches(*b).into()))
+            .collect()
     }
 
     pub fn failures(&self, failure: Failure) -> u64 {

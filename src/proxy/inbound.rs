@@ -22,13 +22,40 @@ use super::headers::{SEAM_ERROR, SEAM_SESSION, header_value, strip_hop_by_hop};
 use super::upstream::Upstream;
 use super::{Failure, HANDSHAKE_PATH, MESSAGE_PATH, failure_response};
 use crate::admin::stats::{Direction, HandshakeFailure, Stats};
+use crate::admission::{Admission, Breach};
 use crate::handshake::{CLIENT_HELLO_LEN, ClientHello, HandshakeError, respond};
 use crate::identity::SpiffeId;
+use crate::ratelimit::CallerLimiter;
 use crate::session::seal::MAX_PAYLOAD;
 use crate::session::{Role, Session, SessionCache, SessionLimits};
 
 pub type UpstreamReply = Either<Incoming, Full<Bytes>>;
 pub type InboundBody = Either<SealedBody<UpstreamReply>, Full<Bytes>>;
+
+/// Whether seam refused this reply because of something the calling seam sent (an
+/// unreadable or forged message, a session that is not its own), as opposed to a
+/// problem on this side. Sealed replies are the app's answers and never count.
+pub fn is_peer_failure<B>(resp: &Response<B>) -> bool {
+    let Some(code) = resp.headers().get(SEAM_ERROR) else {
+        return false;
+    };
+    [
+        Failure::BadRequest,
+        Failure::UnknownSession,
+        Failure::Forbidden,
+        Failure::HandshakeFailed,
+    ]
+    .iter()
+    .any(|f| code.as_bytes() == f.code().as_bytes())
+}
+
+/// What admits a request on the inbound side before any of it is opened.
+pub struct Gate {
+    /// The rate limit keyed by the authenticated caller.
+    pub callers: Arc<CallerLimiter>,
+    /// Where breaches are counted and logged.
+    pub admission: Arc<Admission>,
+}
 
 pub struct Inbound {
     local: SpiffeId,
@@ -38,6 +65,8 @@ pub struct Inbound {
     upstream: Upstream,
     request_timeout: Duration,
     stats: Arc<Stats>,
+    callers: Arc<CallerLimiter>,
+    admission: Arc<Admission>,
 }
 
 impl Inbound {
@@ -48,6 +77,7 @@ impl Inbound {
         upstream: Upstream,
         request_timeout: Duration,
         stats: Arc<Stats>,
+        gate: Gate,
     ) -> Self {
         Self {
             service: local.service().to_owned(),
@@ -57,6 +87,8 @@ impl Inbound {
             upstream,
             request_timeout,
             stats,
+            callers: gate.callers,
+            admission: gate.admission,
         }
     }
 
@@ -158,6 +190,31 @@ impl Inbound {
         caller: &SpiffeId,
     ) -> Response<InboundBody> {
         let started = tokio::time::Instant::now();
+        // Before the session lookup and before any frame is opened: a caller over its
+        // quota costs one map lookup, no cache traffic and no decryption.
+        if let Err(wait) = self.callers.check(caller.service()) {
+            let seconds = wait.seconds();
+            self.admission.breach(
+                Breach::RateLimited,
+                &format!(
+                    "seam({}): {caller} is over its rate limit; refusing with 429 (adjust \
+                     rate_limit.services.{} if its load is expected)",
+                    self.service,
+                    caller.service()
+                ),
+            );
+            let mut resp = self.refuse(
+                Failure::RateLimited,
+                &format!(
+                    "seam({}): {} is over its rate limit; retry after {seconds}s",
+                    self.service,
+                    caller.service()
+                ),
+            );
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+            return resp;
+        }
         let id = req
             .headers()
             .get(SEAM_SESSION)

@@ -2,6 +2,7 @@
 //! (DESIGN §1, §3).
 
 pub mod body;
+pub mod framing;
 pub mod head;
 pub mod headers;
 pub mod inbound;
@@ -39,10 +40,12 @@ pub enum Failure {
     UnknownSession,
     Forbidden,
     HeadersTooLarge,
+    RateLimited,
+    BodyTooLarge,
 }
 
 impl Failure {
-    pub const ALL: [Failure; 12] = [
+    pub const ALL: [Failure; 14] = [
         Failure::BadRequest,
         Failure::NoTarget,
         Failure::UnknownService,
@@ -55,6 +58,8 @@ impl Failure {
         Failure::UnknownSession,
         Failure::Forbidden,
         Failure::HeadersTooLarge,
+        Failure::RateLimited,
+        Failure::BodyTooLarge,
     ];
 
     /// The `seam-error` header value.
@@ -72,6 +77,8 @@ impl Failure {
             Failure::UnknownSession => "unknown-session",
             Failure::Forbidden => "forbidden",
             Failure::HeadersTooLarge => "headers-too-large",
+            Failure::RateLimited => "rate-limited",
+            Failure::BodyTooLarge => "body-too-large",
         }
     }
 
@@ -90,6 +97,8 @@ impl Failure {
             Failure::UnknownSession => StatusCode::GONE,
             Failure::Forbidden => StatusCode::FORBIDDEN,
             Failure::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Failure::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Failure::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 

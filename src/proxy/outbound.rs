@@ -33,6 +33,7 @@ pub struct Outbound {
     limits: SessionLimits,
     request_timeout: Duration,
     stats: Arc<Stats>,
+    max_body: Option<u64>,
 }
 
 /// The app's request body: read whole when small (so it can be sent again), else
@@ -58,7 +59,15 @@ impl Outbound {
             limits,
             request_timeout,
             stats,
+            max_body: None,
         }
+    }
+
+    /// Refuses request bodies declared larger than `max` bytes with 413
+    /// (`limits.max_body_bytes`).
+    pub fn with_max_body(mut self, max: Option<u64>) -> Self {
+        self.max_body = max;
+        self
     }
 
     pub fn sessions(&self) -> &SessionCache<String> {
@@ -127,6 +136,19 @@ impl Outbound {
                 Failure::UnknownService,
                 format!(
                     "seam({}): unknown service '{service}'; add it under `peers:` in the config",
+                    self.service
+                ),
+            );
+        }
+        if let Some(max) = self.max_body
+            && let Some(len) = declared_length(&req)
+            && len > max
+        {
+            return self.fail(
+                Failure::BodyTooLarge,
+                format!(
+                    "seam({}): the request body is {len} bytes, over the limit of {max} \
+                     (limits.max_body_bytes); send less or raise the limit",
                     self.service
                 ),
             );
@@ -337,6 +359,14 @@ impl Outbound {
         self.fail(failure, format!("seam({}): {service}: {e}", self.service))
     }
 
+    /// A refusal decided before the request reached [`Outbound::handle`], counted like
+    /// the others.
+    pub fn refuse(&self, failure: Failure, message: String) -> Response<OutboundBody> {
+        let resp = self.fail(failure, message);
+        self.stats.record_status(Direction::Outbound, resp.status());
+        resp
+    }
+
     fn fail(&self, failure: Failure, message: String) -> Response<OutboundBody> {
         self.stats.record_failure(failure);
         tracing::warn!(failure = failure.code(), "{message}");
@@ -357,6 +387,16 @@ async fn keep_if_small(body: Incoming) -> Result<RequestBody, hyper::Error> {
         collected.to_bytes(),
         trailers,
     )))
+}
+
+/// The body length the request announces: Content-Length for HTTP/1.1 (hyper has
+/// already rejected conflicting values), the exact size hint otherwise.
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .or_else(|| req.body().size_hint().exact())
 }
 
 /// A peer seam's own refusal (429) goes to the app as it came.

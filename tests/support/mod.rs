@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use seam::Sidecar;
 use seam::config::{
-    AdminConfig, Config, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
+    AdminConfig, Config, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
     TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use seam::identity::{DevCa, Identity};
@@ -349,6 +349,7 @@ pub fn config(service: &str, upstream: &str, peers: BTreeMap<String, Vec<SocketA
             cert_warning: Duration::from_secs(60),
             ..AdminConfig::default()
         },
+        limits: LimitsConfig::default(),
     }
 }
 
