@@ -562,7 +562,7 @@ async fn each_session_lifecycle_step_logs_one_json_event() {
     let (_, page) = get_json(mesh.orders.admin_addr(), "/sessions").await;
     let first = client_session_id(&page).to_string();
     let created = wait_event("session_created", |l| {
-        l["session_id"] == first && l["role"] == "Client"
+        l["session_id"] == first && l["role"] == "client"
     })
     .await;
     assert_eq!(created["peer"], "billing");
@@ -583,7 +583,7 @@ async fn each_session_lifecycle_step_logs_one_json_event() {
     let rekeyed = wait_event("session_rekeyed", |l| l["old_session_id"] == first).await;
     assert_eq!(rekeyed["peer"], "billing");
     wait_event("session_ended", |l| {
-        l["session_id"] == first && l["reason"] == "Replaced"
+        l["session_id"] == first && l["reason"] == "replaced"
     })
     .await;
 
@@ -594,7 +594,7 @@ async fn each_session_lifecycle_step_logs_one_json_event() {
     assert_eq!(line["reason"], "key rotation");
     assert_eq!(line["peer"], "billing");
     wait_event("session_ended", |l| {
-        l["session_id"] == revoked && l["reason"] == "Revoked"
+        l["session_id"] == revoked && l["reason"] == "revoked"
     })
     .await;
 
@@ -604,7 +604,7 @@ async fn each_session_lifecycle_step_logs_one_json_event() {
     request_billing(&mesh).await;
     mesh.billing.server_sessions().run_pending_tasks().await;
     let evicted = wait_event("session_ended", |l| {
-        l["reason"] == "Evicted" && l["role"] == "Server"
+        l["reason"] == "evicted" && l["role"] == "server"
     })
     .await;
     assert_eq!(evicted["peer"], "orders");
@@ -660,7 +660,7 @@ async fn an_idle_session_expires_with_an_event() {
     loop {
         mesh.billing.server_sessions().run_pending_tasks().await;
         if lines().iter().any(|l| {
-            l["event"] == "session_ended" && l["session_id"] == id && l["reason"] == "Expired"
+            l["event"] == "session_ended" && l["session_id"] == id && l["reason"] == "expired"
         }) {
             break;
         }

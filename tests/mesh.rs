@@ -573,3 +573,23 @@ async fn a_streamed_body_that_cannot_be_resent_fails_with_a_clear_502() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn session_byte_counters_move_on_both_sides_in_both_directions() {
+    let mesh = Mesh::start().await;
+    let upload = pattern(100_000);
+    let resp = mesh
+        .h1()
+        .request(mesh.to_billing("POST", "/echo", body(upload.clone())))
+        .await
+        .unwrap();
+    let (_, echoed) = read_all(resp).await;
+    assert_eq!(echoed.len(), upload.len());
+    let client = mesh.orders.client_sessions().sessions()[0].info();
+    let server = mesh.billing.server_sessions().sessions()[0].info();
+    // Payload bytes: the body each way (heads and trailers add a little on top).
+    assert!(client.bytes_out >= 100_000 && client.bytes_in >= 100_000, "{client:?}");
+    assert!(server.bytes_in >= 100_000 && server.bytes_out >= 100_000, "{server:?}");
+    assert_eq!(client.requests, 1);
+    assert_eq!(server.requests, 1);
+}

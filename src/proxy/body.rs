@@ -5,6 +5,7 @@
 //! that completed it. gRPC streams and gigabyte downloads flow with bounded memory.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -13,11 +14,11 @@ use http_body::{Body, Frame, SizeHint};
 use tokio_util::codec::Decoder;
 
 use super::head::{self, HeadError};
-use crate::session::InFlight;
 use crate::session::seal::{
     FrameKind, FrameSplitter, HEADER_LEN, MAX_PAYLOAD, MessageOpener, MessageSealer, SealError,
     TAG_LEN,
 };
+use crate::session::{InFlight, Session};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -56,6 +57,8 @@ pub struct SealedBody<B> {
     head: Option<Bytes>,
     done: bool,
     guard: Option<InFlight>,
+    /// The session whose byte counters this body feeds.
+    counted: Option<Arc<Session>>,
 }
 
 /// Reads sealed frames from `inner` and yields the opened body: data and trailers.
@@ -66,6 +69,8 @@ pub struct OpenedBody<B> {
     inner_done: bool,
     finished: bool,
     guard: Option<InFlight>,
+    /// The session whose byte and error counters this body feeds.
+    counted: Option<Arc<Session>>,
 }
 
 /// A request body read completely up front because it is small, so it can be sent
@@ -91,13 +96,21 @@ impl<B> SealedBody<B> {
             sealer,
             head: Some(first.freeze()),
             done: false,
+            counted: guard.as_ref().map(|g| g.session().clone()),
             guard,
         })
     }
 
+    /// Counts the bytes on `session` (a response sealed for a request whose in-flight
+    /// guard lives elsewhere).
+    pub fn counted_on(mut self, session: Arc<Session>) -> Self {
+        self.counted = Some(session);
+        self
+    }
+
     fn count_out(&self, n: usize) {
-        if let Some(g) = &self.guard {
-            g.session().counters().add_bytes_out(n);
+        if let Some(s) = &self.counted {
+            s.counters().add_bytes_out(n);
         }
     }
 
@@ -184,8 +197,16 @@ where
             opener,
             inner_done: false,
             finished: false,
+            counted: guard.as_ref().map(|g| g.session().clone()),
             guard,
         }
+    }
+
+    /// Counts the bytes and errors on `session` (a response opened for a request whose
+    /// in-flight guard lives elsewhere).
+    pub fn counted_on(mut self, session: Arc<Session>) -> Self {
+        self.counted = Some(session);
+        self
     }
 
     /// The sequence number of the message, known once the head was opened.
@@ -209,8 +230,8 @@ where
         loop {
             if let Some((header, sealed)) = FrameSplitter.decode(&mut self.buf)? {
                 let opened = self.opener.open(&header, sealed)?;
-                if let Some(g) = &self.guard {
-                    g.session().counters().add_bytes_in(opened.payload.len());
+                if let Some(s) = &self.counted {
+                    s.counters().add_bytes_in(opened.payload.len());
                 }
                 return Poll::Ready(Ok(Some((opened.kind, opened.payload))));
             }
@@ -275,8 +296,8 @@ where
                     return Poll::Ready(Some(Err(BodyError::NoHead(FrameKind::Head).into())));
                 }
                 Err(e) => {
-                    if let Some(g) = &this.guard {
-                        g.session().counters().add_error();
+                    if let Some(s) = &this.counted {
+                        s.counters().add_error();
                     }
                     this.finished = true;
                     return Poll::Ready(Some(Err(e.into())));

@@ -348,7 +348,11 @@ impl Inbound {
         let sealed = resp_head
             .encode(MAX_PAYLOAD)
             .map_err(|e| e.to_string())
-            .and_then(|h| SealedBody::new(sealer, &h, resp_body, None).map_err(|e| e.to_string()));
+            .and_then(|h| {
+                SealedBody::new(sealer, &h, resp_body, None)
+                    .map(|b| b.counted_on(session.clone()))
+                    .map_err(|e| e.to_string())
+            });
         match sealed {
             Ok(body) => Response::new(Either::Left(body)),
             Err(e) => {

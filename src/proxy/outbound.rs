@@ -22,7 +22,7 @@ use super::peer::{AppBody, PeerError, PeerPool};
 use super::{Failure, KEEP_LIMIT, MESSAGE_PATH, failure_response};
 use crate::admin::stats::{Direction, HandshakeFailure, Stats};
 use crate::session::seal::MAX_PAYLOAD;
-use crate::session::{SessionCache, SessionLimits};
+use crate::session::{Session, SessionCache, SessionLimits};
 
 pub type OutboundBody = Either<OpenedBody<Incoming>, Full<Bytes>>;
 
@@ -266,9 +266,7 @@ impl Outbound {
             let seam_error = resp.headers().get(SEAM_ERROR).cloned();
             match resp.status() {
                 StatusCode::OK => {
-                    return self
-                        .open_response(service, resp, session.response_opener(seq))
-                        .await;
+                    return self.open_response(service, resp, &session, seq).await;
                 }
                 StatusCode::GONE
                     if seam_error
@@ -306,9 +304,12 @@ impl Outbound {
         &self,
         service: &str,
         resp: Response<Incoming>,
-        opener: crate::session::seal::MessageOpener,
+        session: &Arc<Session>,
+        seq: u64,
     ) -> Response<OutboundBody> {
-        let mut opened = OpenedBody::new(resp.into_body(), opener, None);
+        let opener = session.response_opener(seq);
+        let mut opened =
+            OpenedBody::new(resp.into_body(), opener, None).counted_on(session.clone());
         let head = match opened
             .read_head()
             .await

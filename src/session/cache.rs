@@ -137,8 +137,8 @@ where
                     key = %key,
                     session_id = %session.id(),
                     peer = session.peer(),
-                    role = ?session.role(),
-                    reason = ?reason,
+                    role = session.role().as_str(),
+                    reason = reason.as_str(),
                     "session ended"
                 );
             })
@@ -301,7 +301,7 @@ where
             event = "session_revoked",
             session_id = %id,
             peer = session.peer(),
-            role = ?session.role(),
+            role = session.role().as_str(),
             reason,
             "session revoked by an operator"
         );
@@ -345,7 +345,7 @@ where
             event = "session_created",
             session_id = %session.id(),
             peer = session.peer(),
-            role = ?session.role(),
+            role = session.role().as_str(),
             "session created"
         );
     }

@@ -47,6 +47,27 @@ pub enum EndReason {
     Replaced,
 }
 
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+        }
+    }
+}
+
+impl EndReason {
+    /// The same word the admin API and metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Expired => "expired",
+            EndReason::Evicted => "evicted",
+            EndReason::Revoked => "revoked",
+            EndReason::Replaced => "replaced",
+        }
+    }
+}
+
 /// Lifecycle state shown by the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
