@@ -274,6 +274,40 @@ async fn certificate_near_expiry_is_degraded() {
     seam.shutdown().await;
 }
 
+#[tokio::test]
+async fn an_expired_certificate_is_unhealthy() {
+    let mesh = Mesh::start().await;
+    let now = SystemTime::now();
+    // Valid for an hour that ended a minute ago: a seam left running past its
+    // certificate's end, as seen from the identity loaded while it was still valid.
+    let cert = mesh
+        .ca
+        .issue(
+            "billing",
+            now - Duration::from_secs(3660),
+            now - Duration::from_secs(60),
+        )
+        .unwrap();
+    let identity = seam::identity::Identity::from_pem_at(
+        &mesh.ca.ca_pem(),
+        &cert.cert_pem,
+        &cert.key_pem,
+        TRUST_DOMAIN,
+        "billing",
+        now - Duration::from_secs(1800),
+    )
+    .unwrap();
+    let cfg = config("billing", &mesh.app.url(), Default::default());
+    let seam = Sidecar::start(cfg, identity).await.unwrap();
+    let (code, health) = wait_health(seam.admin_addr(), "unhealthy").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        health["checks"]["certificate"]["status"], "unhealthy",
+        "{health}"
+    );
+    seam.shutdown().await;
+}
+
 /// Revokes orders' client session through its admin port and returns the session id.
 async fn revoke_client_session(mesh: &Mesh, reason: &str) -> Uuid {
     let o = mesh.orders.admin_addr();

@@ -588,8 +588,14 @@ async fn session_byte_counters_move_on_both_sides_in_both_directions() {
     let client = mesh.orders.client_sessions().sessions()[0].info();
     let server = mesh.billing.server_sessions().sessions()[0].info();
     // Payload bytes: the body each way (heads and trailers add a little on top).
-    assert!(client.bytes_out >= 100_000 && client.bytes_in >= 100_000, "{client:?}");
-    assert!(server.bytes_in >= 100_000 && server.bytes_out >= 100_000, "{server:?}");
+    assert!(
+        client.bytes_out >= 100_000 && client.bytes_in >= 100_000,
+        "{client:?}"
+    );
+    assert!(
+        server.bytes_in >= 100_000 && server.bytes_out >= 100_000,
+        "{server:?}"
+    );
     assert_eq!(client.requests, 1);
     assert_eq!(server.requests, 1);
 }

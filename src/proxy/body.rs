@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio_util::codec::Decoder;
 
 use super::head::{self, HeadError};
+use crate::admin::stats::Stats;
 use crate::session::seal::{
     FrameKind, FrameSplitter, HEADER_LEN, MAX_PAYLOAD, MessageOpener, MessageSealer, SealError,
     TAG_LEN,
@@ -71,6 +72,8 @@ pub struct OpenedBody<B> {
     guard: Option<InFlight>,
     /// The session whose byte and error counters this body feeds.
     counted: Option<Arc<Session>>,
+    /// Where failures to open a frame mid-body are counted by kind.
+    stats: Option<Arc<Stats>>,
 }
 
 /// A request body read completely up front because it is small, so it can be sent
@@ -199,7 +202,14 @@ where
             finished: false,
             counted: guard.as_ref().map(|g| g.session().clone()),
             guard,
+            stats: None,
         }
+    }
+
+    /// Counts frames that fail to open after the head in `stats`, by kind.
+    pub fn reporting_to(mut self, stats: Arc<Stats>) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// Counts the bytes and errors on `session` (a response opened for a request whose
@@ -299,6 +309,9 @@ where
                     if let Some(s) = &this.counted {
                         s.counters().add_error();
                     }
+                    if let Some(stats) = &this.stats {
+                        stats.record_open_failure(e.kind());
+                    }
                     this.finished = true;
                     return Poll::Ready(Some(Err(e.into())));
                 }
@@ -337,5 +350,42 @@ impl Body for KeptBody {
 
     fn is_end_stream(&self) -> bool {
         self.data.is_none() && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::tests::{LIMITS, session_pair};
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn a_frame_that_fails_to_open_mid_body_is_counted_by_kind() {
+        let (client, server) = session_pair(LIMITS);
+        let (mut sealer, _g) = client.begin_request().unwrap();
+        let mut wire = BytesMut::new();
+        sealer.seal(FrameKind::Head, b"head", &mut wire).unwrap();
+        let head_len = wire.len();
+        sealer
+            .seal(FrameKind::Data, b"body bytes", &mut wire)
+            .unwrap();
+        sealer.finish(&mut wire).unwrap();
+        // A peer seam that corrupts its own second frame (TLS would catch a network
+        // attacker first).
+        wire[head_len + HEADER_LEN] ^= 1;
+        let stats = Arc::new(Stats::new(Vec::<String>::new(), false));
+        let (opener, guard) = server.request_opener();
+        let mut body = OpenedBody::new(Full::new(wire.freeze()), opener, Some(guard))
+            .reporting_to(stats.clone());
+        assert_eq!(&body.read_head().await.unwrap()[..], b"head");
+        assert!(body.frame().await.unwrap().is_err());
+        assert_eq!(stats.open_failures().get("tampered"), Some(&1));
+        assert_eq!(
+            server
+                .counters()
+                .errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }

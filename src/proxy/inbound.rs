@@ -246,7 +246,8 @@ impl Inbound {
             );
         }
         let (opener, guard) = session.request_opener();
-        let mut body = OpenedBody::new(req.into_body(), opener, Some(guard));
+        let mut body =
+            OpenedBody::new(req.into_body(), opener, Some(guard)).reporting_to(self.stats.clone());
         let head = match timeout(self.request_timeout, body.read_head()).await {
             Ok(Ok(head)) => head,
             Ok(Err(e)) => {

@@ -308,8 +308,9 @@ impl Outbound {
         seq: u64,
     ) -> Response<OutboundBody> {
         let opener = session.response_opener(seq);
-        let mut opened =
-            OpenedBody::new(resp.into_body(), opener, None).counted_on(session.clone());
+        let mut opened = OpenedBody::new(resp.into_body(), opener, None)
+            .counted_on(session.clone())
+            .reporting_to(self.stats.clone());
         let head = match opened
             .read_head()
             .await
