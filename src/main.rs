@@ -146,15 +146,8 @@ fn main() -> ExitCode {
 fn admin_cli(
     work: impl std::future::Future<Output = Result<bool, seam::admin::client::ClientError>>,
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("seam: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(Some(1)) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(work) {
         Ok(true) => ExitCode::SUCCESS,
@@ -216,26 +209,8 @@ fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // One worker means a current-thread runtime: no work stealing, no cross-thread
-    // wake-ups, which is what a sidecar pinned to one core wants.
-    let runtime = match config.runtime.worker_threads.map(|n| n.get()) {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-        None => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-    };
-    let runtime = match runtime {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("seam: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(config.runtime.worker_threads.map(|n| n.get())) else {
+        return ExitCode::FAILURE;
     };
     let code = runtime.block_on(async move {
         let sidecar = match Sidecar::start(config, identity).await {
@@ -266,15 +241,8 @@ fn demo(requests: Option<usize>) -> ExitCode {
     if let Err(err) = logging::init(LogFormat::Pretty, "warn") {
         eprintln!("seam: {err}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("seam: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(None) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let mesh = match DemoMesh::start().await {
@@ -335,4 +303,26 @@ async fn shutdown_signal() -> std::io::Result<()> {
         _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
     }
     Ok(())
+}
+
+/// A tokio runtime with `threads` workers (None: one per core), or None after saying
+/// why it could not start. One worker means a current-thread runtime: no work
+/// stealing and no cross-thread wake-ups, which is what a sidecar pinned to one core
+/// wants.
+fn runtime(threads: Option<usize>) -> Option<tokio::runtime::Runtime> {
+    let built = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    built
+        .inspect_err(|err| eprintln!("seam: cannot start the async runtime: {err}"))
+        .ok()
 }

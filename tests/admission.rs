@@ -47,15 +47,6 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     read_head(&mut tcp).await
 }
 
-/// Like [`raw_exchange`] but reads until the server closes (for `Connection: close`).
-async fn raw_exchange_to_close(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(bytes).await.unwrap();
-    let mut got = Vec::new();
-    let _ = tcp.read_to_end(&mut got).await;
-    String::from_utf8_lossy(&got).into_owned()
-}
-
 async fn read_head(tcp: &mut TcpStream) -> String {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];

@@ -161,17 +161,11 @@ async fn status_headers_and_caller_identity_are_preserved() {
 async fn absolute_form_requests_route_like_http_proxy_clients() {
     let mesh = Mesh::start().await;
     // What curl sends with HTTP_PROXY set: absolute-form URI to the proxy.
-    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr())
-        .await
-        .unwrap();
-    tcp.write_all(
+    let text = raw_exchange_to_close(
+        mesh.orders.outbound_addr(),
         b"GET http://billing/headers HTTP/1.1\r\nHost: billing\r\nConnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tcp.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
+    .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\"seam-caller\":[\"orders\"]"), "{text}");
 }
@@ -512,13 +506,7 @@ async fn request_timeout_on_the_calling_side_is_504() {
 #[tokio::test]
 async fn request_without_a_target_is_400() {
     let mesh = Mesh::start().await;
-    let mut tcp = TcpStream::connect(mesh.orders.outbound_addr())
-        .await
-        .unwrap();
-    tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = Vec::new();
-    tcp.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
+    let text = raw_exchange_to_close(mesh.orders.outbound_addr(), b"GET / HTTP/1.0\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.0 400"), "{text}");
     assert!(text.contains("seam-error: no-target"), "{text}");
 }
@@ -527,15 +515,12 @@ async fn request_without_a_target_is_400() {
 async fn inbound_port_refuses_plain_requests_and_garbage() {
     let mesh = Mesh::start().await;
     // Not TLS at all: the connection is closed without an HTTP answer.
-    let mut tcp = TcpStream::connect(mesh.billing.inbound_addr())
-        .await
-        .unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tcp.read_to_end(&mut out).await;
-    assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"));
+    let text = raw_exchange_to_close(
+        mesh.billing.inbound_addr(),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(!text.contains("HTTP/1.1 200"), "{text}");
     // The mesh still works afterwards.
     let resp = mesh
         .h1()

@@ -504,3 +504,13 @@ pub async fn read_all(resp: Response<Incoming>) -> (http::response::Parts, Bytes
     let (parts, body) = resp.into_parts();
     (parts, body.collect().await.unwrap().to_bytes())
 }
+
+/// Sends raw bytes on a fresh connection and reads until the server closes it.
+pub async fn raw_exchange_to_close(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tcp.read_to_end(&mut got).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
