@@ -236,6 +236,47 @@ async fn declared_body_over_the_limit_gets_413() {
     assert_eq!(resp.status(), 200);
 }
 
+/// A body with no declared length, fed in 16 KiB chunks from a task; returns the body
+/// and the SHA-256 of all `total` bytes.
+fn streamed(total: usize) -> (TestBody, String) {
+    let data = pattern(total);
+    let digest = sha256_hex(&data);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    tokio::spawn(async move {
+        for chunk in data.chunks(16 * 1024) {
+            // The receiver goes away when seam cuts the body: stop feeding then.
+            if tx.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+                break;
+            }
+        }
+    });
+    (ChannelBody(rx).boxed(), digest)
+}
+
+#[tokio::test]
+async fn streamed_body_over_the_limit_gets_413_and_never_arrives_whole() {
+    let mesh = Mesh::start_with(|o| o.limits.max_body_bytes = Some(100_000), |_| {}).await;
+    let (over, _) = streamed(300_000);
+    let resp = mesh
+        .h1()
+        .request(mesh.to_billing("POST", "/sha256", over))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(resp.headers()["seam-error"], "body-too-large");
+    assert_eq!(mesh.orders.stats().failures(Failure::BodyTooLarge), 1);
+    // Under the cap, a streamed body crosses byte-exact.
+    let (under, digest) = streamed(90_000);
+    let resp = mesh
+        .h2c()
+        .request(mesh.to_billing("POST", "/sha256", under))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, b) = read_all(resp).await;
+    assert_eq!(String::from_utf8_lossy(&b), format!("90000 {digest}"));
+}
+
 #[tokio::test]
 async fn slowloris_is_closed_while_other_clients_are_served() {
     let mesh = Mesh::start_with(

@@ -6,6 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -74,6 +75,15 @@ pub struct OpenedBody<B> {
     counted: Option<Arc<Session>>,
     /// Where failures to open a frame mid-body are counted by kind.
     stats: Option<Arc<Stats>>,
+}
+
+/// A streamed request body capped at `limits.max_body_bytes`. Past the cap it fails,
+/// so the sealed message is cut and never completes at the other end, and it raises
+/// `exceeded` so the handler can answer 413 rather than a transport error.
+pub struct CappedBody<B> {
+    inner: B,
+    left: u64,
+    exceeded: Arc<AtomicBool>,
 }
 
 /// A request body read completely up front because it is small, so it can be sent
@@ -322,6 +332,57 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.finished
+    }
+}
+
+impl<B> CappedBody<B> {
+    pub fn new(inner: B, max: Option<u64>, exceeded: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            left: max.unwrap_or(u64::MAX),
+            exceeded,
+        }
+    }
+}
+
+impl<B> Body for CappedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.left {
+                        this.exceeded.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(
+                            "the request body exceeds limits.max_body_bytes".into(),
+                        )));
+                    }
+                    this.left -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

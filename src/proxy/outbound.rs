@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::{Instant, timeout};
 
-use super::body::{KeptBody, OpenedBody, SealedBody};
+use super::body::{CappedBody, KeptBody, OpenedBody, SealedBody};
 use super::head::{HeadError, RequestHead, ResponseHead};
 use super::headers::{
     SEAM_ERROR, SEAM_SESSION, request_authority, strip_hop_by_hop, strip_seam_headers,
@@ -194,6 +195,7 @@ impl Outbound {
         };
         // At most two attempts: the second only after the peer said it lost our
         // session, and only with a body we still hold.
+        let exceeded = Arc::new(AtomicBool::new(false));
         for attempt in 0..2 {
             let session = match self
                 .sessions
@@ -221,7 +223,7 @@ impl Outbound {
             let app_body: AppBody = match &mut body {
                 RequestBody::Kept(k) => Either::Right(k.clone()),
                 RequestBody::Streaming(s) => match s.take() {
-                    Some(b) => Either::Left(b),
+                    Some(b) => Either::Left(CappedBody::new(b, self.max_body, exceeded.clone())),
                     None => {
                         return self.fail(
                             Failure::SessionLost,
@@ -247,7 +249,21 @@ impl Outbound {
             };
             let sent = Instant::now();
             let peer_stats = self.stats.peer(service);
-            let resp = match self.peers.send(service, outer).await {
+            let result = self.peers.send(service, outer).await;
+            // A streamed body that ran past the cap was cut mid-message; whatever the
+            // peer made of it, the app gets the reason.
+            if exceeded.load(Ordering::Acquire) {
+                return self.fail(
+                    Failure::BodyTooLarge,
+                    format!(
+                        "seam({}): the request body ran past the limit of {} bytes \
+                         (limits.max_body_bytes); send less or raise the limit",
+                        self.service,
+                        self.max_body.unwrap_or(u64::MAX)
+                    ),
+                );
+            }
+            let resp = match result {
                 Ok(r) => {
                     if let Some(p) = peer_stats {
                         p.record_request(Some(sent.elapsed()));

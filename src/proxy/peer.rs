@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsConnector;
 
-use super::body::{KeptBody, SealedBody};
+use super::body::{CappedBody, KeptBody, SealedBody};
 use super::headers::SEAM_ERROR;
 use super::{HANDSHAKE_PATH, h2_tuning};
 use crate::handshake::{ClientHandshake, HandshakeError, ServerHello};
@@ -31,7 +31,7 @@ use crate::session::{Role, Session, SessionError, SessionLimits};
 
 /// What the outbound side sends: a sealed app body (streamed or kept), or a
 /// handshake message.
-pub type AppBody = Either<Incoming, KeptBody>;
+pub type AppBody = Either<CappedBody<Incoming>, KeptBody>;
 pub type PeerBody = Either<SealedBody<AppBody>, Full<Bytes>>;
 
 /// How long a failed endpoint is skipped before it is tried again.
