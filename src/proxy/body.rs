@@ -51,12 +51,19 @@ impl BodyError {
     }
 }
 
+/// One poll of a [`SealedBody`] gathers the frames that are ready up to about this many
+/// bytes, so a small message (head, body, end) leaves as one HTTP/2 DATA frame with
+/// END_STREAM instead of three, and a large one in chunks of the HTTP/2 frame size.
+const GATHER: usize = MAX_PAYLOAD;
+
 /// Wraps a plain body and yields it sealed: the head frame first, then a sealed
-/// frame per chunk, trailers if any, and the final frame.
+/// frame per chunk, trailers if any, and the final frame. Frames that are ready at
+/// once are yielded together.
 pub struct SealedBody<B> {
     inner: B,
     sealer: MessageSealer,
-    head: Option<Bytes>,
+    /// Sealed bytes not yielded yet: the head at first.
+    out: BytesMut,
     done: bool,
     guard: Option<InFlight>,
     /// The session whose byte counters this body feeds.
@@ -68,6 +75,9 @@ pub struct OpenedBody<B> {
     inner: B,
     buf: BytesMut,
     opener: MessageOpener,
+    /// A frame opened ahead of time to learn whether the message ends after the
+    /// frame just yielded (so `is_end_stream` can say so), kept for the next poll.
+    ahead: Option<Result<(FrameKind, Bytes), BodyError>>,
     inner_done: bool,
     finished: bool,
     guard: Option<InFlight>,
@@ -102,12 +112,12 @@ impl<B> SealedBody<B> {
         inner: B,
         guard: Option<InFlight>,
     ) -> Result<Self, SealError> {
-        let mut first = BytesMut::with_capacity(HEADER_LEN + head.len() + TAG_LEN);
-        sealer.seal(FrameKind::Head, head, &mut first)?;
+        let mut out = BytesMut::with_capacity(HEADER_LEN + head.len() + TAG_LEN);
+        sealer.seal(FrameKind::Head, head, &mut out)?;
         Ok(Self {
             inner,
             sealer,
-            head: Some(first.freeze()),
+            out,
             done: false,
             counted: guard.as_ref().map(|g| g.session().clone()),
             guard,
@@ -127,15 +137,23 @@ impl<B> SealedBody<B> {
         }
     }
 
-    fn seal_end(&mut self, trailers: Option<&HeaderMap>) -> Result<Bytes, BoxError> {
-        let mut out = BytesMut::with_capacity(2 * (HEADER_LEN + TAG_LEN) + 256);
+    fn seal_data(&mut self, data: &[u8]) -> Result<(), SealError> {
+        self.count_out(data.len());
+        let frames = data.len().div_ceil(MAX_PAYLOAD);
+        self.out
+            .reserve(data.len() + frames * (HEADER_LEN + TAG_LEN) + HEADER_LEN + TAG_LEN);
+        self.sealer.seal(FrameKind::Data, data, &mut self.out)
+    }
+
+    fn seal_end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), BoxError> {
         if let Some(t) = trailers {
             let encoded = head::encode_trailers(t, MAX_PAYLOAD)?;
-            self.sealer.seal(FrameKind::Trailers, &encoded, &mut out)?;
+            self.sealer
+                .seal(FrameKind::Trailers, &encoded, &mut self.out)?;
         }
-        self.sealer.finish(&mut out)?;
+        self.sealer.finish(&mut self.out)?;
         self.done = true;
-        Ok(out.freeze())
+        Ok(())
     }
 }
 
@@ -152,44 +170,38 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(head) = this.head.take() {
-            return Poll::Ready(Some(Ok(Frame::data(head))));
-        }
-        loop {
-            if this.done {
-                this.guard = None;
-                return Poll::Ready(None);
-            }
-            let sealed = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => continue,
-                    Ok(data) => {
-                        this.count_out(data.len());
-                        let frames = data.len().div_ceil(MAX_PAYLOAD);
-                        let mut out =
-                            BytesMut::with_capacity(data.len() + frames * (HEADER_LEN + TAG_LEN));
-                        this.sealer.seal(FrameKind::Data, &data, &mut out)?;
-                        out.freeze()
+        while !this.done && this.out.len() < GATHER {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending if this.out.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => this.seal_data(&data)?,
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            this.seal_end(Some(&trailers))?;
+                        }
                     }
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => this.seal_end(Some(&trailers))?,
-                        Err(_) => continue,
-                    },
                 },
                 // The inner body failed: stop without the final frame, so the other
                 // side sees a truncated message, never a silently short one.
-                Some(Err(e)) => {
+                Poll::Ready(Some(Err(e))) => {
                     this.done = true;
+                    this.out.clear();
                     return Poll::Ready(Some(Err(e.into())));
                 }
-                None => this.seal_end(None)?,
-            };
-            return Poll::Ready(Some(Ok(Frame::data(sealed))));
+                Poll::Ready(None) => this.seal_end(None)?,
+            }
         }
+        if this.out.is_empty() {
+            this.guard = None;
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(Frame::data(this.out.split().freeze()))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.head.is_none()
+        self.done && self.out.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -208,6 +220,7 @@ where
             inner,
             buf: BytesMut::new(),
             opener,
+            ahead: None,
             inner_done: false,
             finished: false,
             counted: guard.as_ref().map(|g| g.session().clone()),
@@ -237,23 +250,55 @@ where
     /// Reads and opens the first frame, which must be the head.
     pub async fn read_head(&mut self) -> Result<Bytes, BodyError> {
         match std::future::poll_fn(|cx| self.poll_opened(cx)).await? {
-            Some((FrameKind::Head, payload)) => Ok(payload),
+            Some((FrameKind::Head, payload)) => {
+                self.look_ahead();
+                Ok(payload)
+            }
             Some((kind, _)) => Err(BodyError::NoHead(kind)),
             None => Err(BodyError::Empty),
         }
+    }
+
+    /// Opens the next frame if it is already buffered. When it is the end, the body is
+    /// finished now: a GET then reaches the app with no body at all, and the last data
+    /// frame goes out with END_STREAM instead of an empty frame after it.
+    fn look_ahead(&mut self) {
+        if self.ahead.is_some() || self.finished {
+            return;
+        }
+        match self.open_buffered() {
+            Ok(Some((FrameKind::End, _))) => {
+                self.finished = true;
+                self.guard = None;
+            }
+            Ok(Some(frame)) => self.ahead = Some(Ok(frame)),
+            Ok(None) => {}
+            Err(e) => self.ahead = Some(Err(e)),
+        }
+    }
+
+    /// Opens one complete frame from the buffer, if there is one.
+    fn open_buffered(&mut self) -> Result<Option<(FrameKind, Bytes)>, BodyError> {
+        let Some((header, sealed)) = FrameSplitter.decode(&mut self.buf)? else {
+            return Ok(None);
+        };
+        let opened = self.opener.open(&header, sealed)?;
+        if let Some(s) = &self.counted {
+            s.counters().add_bytes_in(opened.payload.len());
+        }
+        Ok(Some((opened.kind, opened.payload)))
     }
 
     fn poll_opened(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<(FrameKind, Bytes)>, BodyError>> {
+        if let Some(ahead) = self.ahead.take() {
+            return Poll::Ready(ahead.map(Some));
+        }
         loop {
-            if let Some((header, sealed)) = FrameSplitter.decode(&mut self.buf)? {
-                let opened = self.opener.open(&header, sealed)?;
-                if let Some(s) = &self.counted {
-                    s.counters().add_bytes_in(opened.payload.len());
-                }
-                return Poll::Ready(Ok(Some((opened.kind, opened.payload))));
+            if let Some(frame) = self.open_buffered()? {
+                return Poll::Ready(Ok(Some(frame)));
             }
             if self.inner_done {
                 if self.buf.is_empty() && self.opener.is_finished() {
@@ -301,9 +346,15 @@ where
             let opened = ready!(this.poll_opened(cx));
             let frame = match opened {
                 Ok(Some((FrameKind::Data, payload))) if payload.is_empty() => continue,
-                Ok(Some((FrameKind::Data, payload))) => Frame::data(payload),
+                Ok(Some((FrameKind::Data, payload))) => {
+                    this.look_ahead();
+                    Frame::data(payload)
+                }
                 Ok(Some((FrameKind::Trailers, payload))) => match head::decode_trailers(&payload) {
-                    Ok(t) => Frame::trailers(t),
+                    Ok(t) => {
+                        this.look_ahead();
+                        Frame::trailers(t)
+                    }
                     Err(e) => return Poll::Ready(Some(Err(e.into()))),
                 },
                 Ok(Some((FrameKind::End, _))) | Ok(None) => {
@@ -448,5 +499,51 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn a_ready_message_is_sealed_into_one_chunk_and_opens_as_finished() {
+        let (client, server) = session_pair(LIMITS);
+        let (sealer, guard) = client.begin_request().unwrap();
+        let mut sealed = SealedBody::new(
+            sealer,
+            b"GET / HTTP/1.1",
+            Full::new(Bytes::new()),
+            Some(guard),
+        )
+        .unwrap();
+        // Head and end in one chunk, and the body says it is over, so HTTP/2 can send
+        // it as one DATA frame with END_STREAM.
+        let wire = sealed.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(sealed.is_end_stream());
+        assert!(sealed.frame().await.is_none());
+
+        let (opener, guard) = server.request_opener();
+        let mut opened = OpenedBody::new(Full::new(wire), opener, Some(guard));
+        assert_eq!(&opened.read_head().await.unwrap()[..], b"GET / HTTP/1.1");
+        // Known to be empty before anyone polls it: a GET reaches the app without a body.
+        assert!(opened.is_end_stream());
+        assert!(opened.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_last_data_frame_already_reports_the_end() {
+        let (client, server) = session_pair(LIMITS);
+        let (sealer, guard) = client.begin_request().unwrap();
+        let sealed = SealedBody::new(
+            sealer,
+            b"head",
+            Full::new(Bytes::from_static(b"body")),
+            Some(guard),
+        )
+        .unwrap();
+        let wire = sealed.collect().await.unwrap().to_bytes();
+        let (opener, guard) = server.request_opener();
+        let mut opened = OpenedBody::new(Full::new(wire), opener, Some(guard));
+        opened.read_head().await.unwrap();
+        assert!(!opened.is_end_stream());
+        let data = opened.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&data[..], b"body");
+        assert!(opened.is_end_stream());
     }
 }
