@@ -20,8 +20,8 @@ use hyper_util::rt::TokioExecutor;
 
 use seam::Sidecar;
 use seam::config::{
-    AdminConfig, Config, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
-    TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
+    AdminConfig, Config, InteropConfig, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig,
+    SessionConfig, TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use seam::handshake::{ClientHandshake, respond};
 use seam::identity::{DevCa, Identity};
@@ -36,6 +36,7 @@ fn config(upstream: SocketAddr) -> Config {
             outbound: any,
             inbound: any,
             admin: any,
+            pinned: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: format!("http://{upstream}").parse().expect("url"),
@@ -53,6 +54,7 @@ fn config(upstream: SocketAddr) -> Config {
         runtime: RuntimeConfig::default(),
         admin: AdminConfig::default(),
         limits: LimitsConfig::default(),
+        interop: InteropConfig::default(),
     }
 }
 

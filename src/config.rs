@@ -51,6 +51,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub admin: AdminConfig,
     pub limits: LimitsConfig,
+    pub interop: InteropConfig,
 }
 
 /// Addresses this seam binds.
@@ -62,6 +63,26 @@ pub struct ListenConfig {
     pub inbound: SocketAddr,
     /// Health, stats, metrics and sessions.
     pub admin: SocketAddr,
+    /// Extra outbound ports fixed to one peer service each: every request on such a port
+    /// goes to that service whatever its Host says, for clients that cannot set Host.
+    pub pinned: Vec<PinnedRoute>,
+}
+
+/// One `listen.pinned` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PinnedRoute {
+    pub listen: SocketAddr,
+    pub service: String,
+}
+
+/// Talking to callers that are not seams.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct InteropConfig {
+    /// Serve plain HTTP requests (no seam session) on the inbound port from callers whose
+    /// mesh certificate verifies, e.g. another mesh's mTLS proxy during a migration. The
+    /// caller is still identified by its certificate and rate limited. Off by default: the
+    /// session layer is then the only way in.
+    pub plain_mtls: bool,
 }
 
 /// The local app that inbound requests are handed to.
@@ -231,6 +252,7 @@ struct RawConfig {
     runtime: Option<RawRuntime>,
     admin: Option<RawAdmin>,
     limits: Option<RawLimits>,
+    interop: Option<RawInterop>,
 }
 
 #[derive(Deserialize)]
@@ -239,6 +261,13 @@ struct RawListen {
     outbound: Option<Spanned<String>>,
     inbound: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    pinned: Option<Entries<Spanned<String>, Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterop {
+    plain_mtls: Option<bool>,
 }
 
 /// Peer name -> endpoints, each with its location.
@@ -361,6 +390,7 @@ impl Default for ListenConfig {
             outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
             inbound: SocketAddr::from(([0, 0, 0, 0], 15443)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            pinned: Vec::new(),
         }
     }
 }
@@ -579,7 +609,7 @@ impl Checker<'_> {
     }
 
     fn service_name(&self, key: &str, name: &Spanned<String>) -> Result<String, ConfigError> {
-        if is_dns_label(&name.value) {
+        if crate::identity::is_service_name(&name.value) {
             return Ok(name.value.clone());
         }
         Err(self.error(
@@ -587,7 +617,8 @@ impl Checker<'_> {
             format!(
                 "{key} '{}' is not a valid service name; use 1 to 63 characters from a-z, 0-9 \
                  and '-', starting and ending with a letter or digit (it becomes a DNS label \
-                 and part of the SPIFFE id)",
+                 and part of the SPIFFE id), or <service-account>.<namespace> for a \
+                 Kubernetes-style id spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>",
                 name.value
             ),
         ))
@@ -756,6 +787,14 @@ fn validate(raw: &Spanned<RawConfig>, check: &Checker) -> Result<Config, ConfigE
     let runtime = validate_runtime(raw.runtime.as_ref(), check)?;
     let admin = validate_admin(raw, &listen, check)?;
     let limits = validate_limits(raw.limits.as_ref(), check)?;
+    let listen = validate_pinned(raw.listen.as_ref(), listen, &peers, check)?;
+    let interop = InteropConfig {
+        plain_mtls: raw
+            .interop
+            .as_ref()
+            .and_then(|i| i.plain_mtls)
+            .unwrap_or(false),
+    };
     Ok(Config {
         service,
         trust_domain,
@@ -769,7 +808,52 @@ fn validate(raw: &Spanned<RawConfig>, check: &Checker) -> Result<Config, ConfigE
         runtime,
         admin,
         limits,
+        interop,
     })
+}
+
+/// `listen.pinned`: address -> a service under `peers`, on a port of its own.
+fn validate_pinned(
+    raw: Option<&RawListen>,
+    mut listen: ListenConfig,
+    peers: &BTreeMap<String, Vec<SocketAddr>>,
+    check: &Checker,
+) -> Result<ListenConfig, ConfigError> {
+    let entries = raw
+        .and_then(|r| r.pinned.as_ref())
+        .map_or(&[][..], |e| &e.0);
+    for (addr, service) in entries {
+        let at = check.address("listen.pinned", addr)?;
+        let name = check.service_name("listen.pinned service", service)?;
+        if !peers.contains_key(&name) {
+            return Err(check.error(
+                service.referenced,
+                format!(
+                    "listen.pinned {at} sends to '{name}', which is not under peers; add \
+                     peers.{name} or pin the port to a listed peer"
+                ),
+            ));
+        }
+        let taken = [
+            ("listen.outbound", listen.outbound),
+            ("listen.inbound", listen.inbound),
+            ("listen.admin", listen.admin),
+        ]
+        .into_iter()
+        .chain(listen.pinned.iter().map(|p| ("listen.pinned", p.listen)))
+        .find(|(_, other)| clashes(at, *other));
+        if let Some((other, _)) = taken {
+            return Err(check.error(
+                addr.referenced,
+                format!("listen.pinned {at} clashes with {other}; give each listener its own port"),
+            ));
+        }
+        listen.pinned.push(PinnedRoute {
+            listen: at,
+            service: name,
+        });
+    }
+    Ok(listen)
 }
 
 fn validate_admin(

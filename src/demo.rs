@@ -38,8 +38,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    AdminConfig, Config, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
-    TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
+    AdminConfig, Config, InteropConfig, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig,
+    SessionConfig, TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use crate::identity::{DevCa, Identity, IdentityError};
 use crate::proxy::headers::SEAM_CALLER;
@@ -590,6 +590,7 @@ fn seam_config(
             outbound: any_port,
             inbound: any_port,
             admin: any_port,
+            pinned: Vec::new(),
         },
         upstream: UpstreamConfig {
             url,
@@ -607,6 +608,7 @@ fn seam_config(
         runtime: RuntimeConfig::default(),
         admin: AdminConfig::default(),
         limits: LimitsConfig::default(),
+        interop: InteropConfig::default(),
     })
 }
 

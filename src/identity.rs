@@ -58,10 +58,14 @@ pub enum IdentityError {
     InvalidTrustDomain(String),
     #[error(
         "invalid service name {0:?}: use a lowercase DNS label of 1-63 letters, digits or '-' \
-         that does not start or end with '-'"
+         that does not start or end with '-', or <service-account>.<namespace> (two such \
+         labels) for a Kubernetes-style identity"
     )]
     InvalidServiceName(String),
-    #[error("invalid SPIFFE ID {uri:?}: {reason}; expected spiffe://<trust-domain>/<service>")]
+    #[error(
+        "invalid SPIFFE ID {uri:?}: {reason}; expected spiffe://<trust-domain>/<service> or \
+         spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     InvalidSpiffeId { uri: String, reason: &'static str },
     #[error("no services given; pass --service NAME at least once")]
     NoServices,
@@ -133,7 +137,11 @@ pub enum IdentityError {
     Tls(#[from] rustls::Error),
 }
 
-/// `spiffe://<trust_domain>/<service>`
+/// `spiffe://<trust_domain>/<service>`, or the Kubernetes form
+/// `spiffe://<trust_domain>/ns/<namespace>/sa/<service-account>` that Istio and SPIRE issue,
+/// whose service name is `<service-account>.<namespace>`. The two forms map one to one: a
+/// service name has a dot exactly when it is the Kubernetes form, so no two SPIFFE IDs name
+/// the same service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
     trust_domain: String,
@@ -209,12 +217,13 @@ enum FileKind {
 }
 
 impl SpiffeId {
-    /// Validates the trust domain as a lowercase DNS name and the service as a DNS label.
+    /// Validates the trust domain as a lowercase DNS name and the service with
+    /// [`is_service_name`].
     pub fn new(trust_domain: &str, service: &str) -> Result<Self, IdentityError> {
         if !is_dns_name(trust_domain) {
             return Err(IdentityError::InvalidTrustDomain(trust_domain.to_owned()));
         }
-        if !is_dns_label(service) {
+        if !is_service_name(service) {
             return Err(IdentityError::InvalidServiceName(service.to_owned()));
         }
         Ok(Self {
@@ -223,7 +232,9 @@ impl SpiffeId {
         })
     }
 
-    /// Parses `spiffe://<trust_domain>/<service>`; other path shapes are not mesh identities.
+    /// Parses `spiffe://<trust_domain>/<service>` or
+    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<service-account>`; other path shapes are
+    /// not mesh identities.
     pub fn parse(uri: &str) -> Result<Self, IdentityError> {
         let invalid = |reason| IdentityError::InvalidSpiffeId {
             uri: uri.to_owned(),
@@ -232,18 +243,28 @@ impl SpiffeId {
         let rest = uri
             .strip_prefix(SPIFFE_SCHEME)
             .ok_or_else(|| invalid("it does not start with spiffe://"))?;
-        let (trust_domain, service) = rest
+        let (trust_domain, path) = rest
             .split_once('/')
             .ok_or_else(|| invalid("it has no service path"))?;
         if !is_dns_name(trust_domain) {
             return Err(invalid("the trust domain is not a lowercase DNS name"));
         }
-        if !is_dns_label(service) {
-            return Err(invalid("the path is not a single lowercase DNS label"));
-        }
+        let service = match path.split('/').collect::<Vec<_>>()[..] {
+            [service] if is_dns_label(service) => service.to_owned(),
+            ["ns", namespace, "sa", account]
+                if is_dns_label(namespace) && is_dns_label(account) =>
+            {
+                format!("{account}.{namespace}")
+            }
+            _ => {
+                return Err(invalid(
+                    "the path is neither one lowercase DNS label nor ns/<label>/sa/<label>",
+                ));
+            }
+        };
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
-            service: service.to_owned(),
+            service,
         })
     }
 
@@ -255,17 +276,26 @@ impl SpiffeId {
         &self.service
     }
 
-    /// `<service>.<trust_domain>`, the SNI a client sends; verification ignores it and checks the
-    /// SPIFFE ID instead, so it only needs to be a stable, valid DNS name.
+    /// `<service>.<trust_domain>` (only the service account of a Kubernetes-style name, so the
+    /// longest names still fit 253 bytes), the SNI a client sends; verification ignores it and
+    /// checks the SPIFFE ID instead, so it only needs to be a stable, valid DNS name.
     pub fn server_name(&self) -> Result<ServerName<'static>, IdentityError> {
-        ServerName::try_from(format!("{}.{}", self.service, self.trust_domain))
+        let label = self.service.split('.').next().unwrap_or(&self.service);
+        ServerName::try_from(format!("{label}.{}", self.trust_domain))
             .map_err(|_| IdentityError::InvalidTrustDomain(self.trust_domain.clone()))
     }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SPIFFE_SCHEME}{}/{}", self.trust_domain, self.service)
+        match self.service.split_once('.') {
+            Some((account, namespace)) => write!(
+                f,
+                "{SPIFFE_SCHEME}{}/ns/{namespace}/sa/{account}",
+                self.trust_domain
+            ),
+            None => write!(f, "{SPIFFE_SCHEME}{}/{}", self.trust_domain, self.service),
+        }
     }
 }
 
@@ -759,8 +789,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// aws-lc-rs with only the key exchanges DESIGN §2 allows, hybrid post-quantum first.
+/// TLS 1.3 suites in seam's order: AES-128-GCM first. Everything a seam sends to another
+/// seam is already sealed with AES-256-GCM inside the session, so the outer layer's job is
+/// authentication and hiding the few clear bytes around the sealed frames; AES-128-GCM does
+/// that at about three quarters of AES-256's cost per byte (BoringSSL's order, too).
 fn mesh_provider() -> CryptoProvider {
     CryptoProvider {
+        cipher_suites: vec![
+            aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
         kx_groups: vec![kx_group::X25519MLKEM768, kx_group::X25519],
         ..aws_lc_rs::default_provider()
     }
@@ -989,6 +1028,16 @@ fn rfc3339(secs: i64) -> String {
     humantime::format_rfc3339_seconds(system_time(secs)).to_string()
 }
 
+/// A service name: one DNS label (`billing`), or `<service-account>.<namespace>` for a
+/// Kubernetes-style SPIFFE ID (`billing.shop`). Config validation uses this too, so a name the
+/// config accepts always makes a valid SPIFFE ID.
+pub fn is_service_name(s: &str) -> bool {
+    match s.split_once('.') {
+        Some((account, namespace)) => is_dns_label(account) && is_dns_label(namespace),
+        None => is_dns_label(s),
+    }
+}
+
 fn is_dns_label(s: &str) -> bool {
     (1..=63).contains(&s.len())
         && s.bytes()
@@ -1015,6 +1064,24 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_style_spiffe_id_is_account_dot_namespace() {
+        let uri = "spiffe://cluster.local/ns/shop/sa/orders";
+        let id = SpiffeId::parse(uri).unwrap();
+        assert_eq!(id.service(), "orders.shop");
+        assert_eq!(id.to_string(), uri);
+        assert_eq!(SpiffeId::new("cluster.local", "orders.shop").unwrap(), id);
+        // The plain form of the same words is a different identity.
+        assert_ne!(
+            SpiffeId::parse("spiffe://cluster.local/orders").unwrap(),
+            id
+        );
+        assert_eq!(
+            id.server_name().unwrap(),
+            ServerName::try_from("orders.cluster.local").unwrap()
+        );
+    }
+
+    #[test]
     fn spiffe_id_rejects_malformed_input() {
         for td in [
             "",
@@ -1032,7 +1099,16 @@ mod tests {
                 "{td:?}"
             );
         }
-        for svc in ["", "Orders", "orders-", "a/b", "orders.v1", &"a".repeat(64)] {
+        for svc in [
+            "",
+            "Orders",
+            "orders-",
+            "a/b",
+            "a.b.c",
+            ".orders",
+            "orders.",
+            &"a".repeat(64),
+        ] {
             assert!(
                 matches!(
                     SpiffeId::new("mesh.local", svc),
@@ -1051,6 +1127,13 @@ mod tests {
             "spiffe://mesh.local/orders?x=1",
             "spiffe://mesh.local/orders#frag",
             "SPIFFE://mesh.local/orders",
+            "spiffe://mesh.local/ns/shop/sa",
+            "spiffe://mesh.local/ns//sa/orders",
+            "spiffe://mesh.local/ns/shop/sa/orders/x",
+            "spiffe://mesh.local/sa/orders/ns/shop",
+            "spiffe://mesh.local/ns/Shop/sa/orders",
+            "spiffe://mesh.local/ns/shop/sa/orders.v1",
+            "spiffe://mesh.local/orders.shop",
         ] {
             assert!(
                 matches!(

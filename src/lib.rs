@@ -67,6 +67,7 @@ pub enum SidecarError {
 /// A running sidecar: its listeners, its state, and the switch that stops it.
 pub struct Sidecar {
     outbound_addr: SocketAddr,
+    pinned_addrs: Vec<SocketAddr>,
     inbound_addr: SocketAddr,
     admin_addr: SocketAddr,
     admin: Arc<Admin>,
@@ -110,18 +111,21 @@ impl Sidecar {
             )
             .with_max_body(config.limits.max_body_bytes),
         );
-        let inbound = Arc::new(Inbound::new(
-            identity.spiffe_id().clone(),
-            server_sessions.clone(),
-            limits,
-            Upstream::new(&config.upstream, config.timeouts.connect),
-            config.timeouts.request,
-            stats.clone(),
-            proxy::inbound::Gate {
-                callers: callers.clone(),
-                admission: admission.clone(),
-            },
-        ));
+        let inbound = Arc::new(
+            Inbound::new(
+                identity.spiffe_id().clone(),
+                server_sessions.clone(),
+                limits,
+                Upstream::new(&config.upstream, config.timeouts.connect),
+                config.timeouts.request,
+                stats.clone(),
+                proxy::inbound::Gate {
+                    callers: callers.clone(),
+                    admission: admission.clone(),
+                },
+            )
+            .with_plain_mtls(config.interop.plain_mtls),
+        );
         let admin = Arc::new(Admin::new(
             &config,
             stats,
@@ -132,6 +136,14 @@ impl Sidecar {
         ));
 
         let outbound_listener = bind("outbound", config.listen.outbound).await?;
+        let mut pinned_listeners = Vec::new();
+        let mut pinned_addrs = Vec::new();
+        for route in &config.listen.pinned {
+            let listener = bind("pinned", route.listen).await?;
+            pinned_addrs.push(local_addr("pinned", &listener)?);
+            let service: Arc<str> = route.service.as_str().into();
+            pinned_listeners.push((listener, service));
+        }
         let inbound_listener = bind("inbound", config.listen.inbound).await?;
         let admin_listener = bind("admin", config.listen.admin).await?;
         let outbound_addr = local_addr("outbound", &outbound_listener)?;
@@ -143,13 +155,39 @@ impl Sidecar {
         let trust_domain: Arc<str> = config.trust_domain.clone().into();
         let outbound_admission = admission.clone();
         let inbound_admission = admission.clone();
-        let data_tasks = vec![
+        let mut data_tasks = Vec::new();
+        for (listener, service) in pinned_listeners {
+            let outbound = outbound.clone();
+            let admission = admission.clone();
+            tracing::info!(listen = ?listener.local_addr().ok(), service = &*service, "pinned outbound port");
+            data_tasks.push(tokio::spawn(accept_loop(
+                listener,
+                data_plane.clone(),
+                Some(admission.clone()),
+                move |tcp, _, watcher| {
+                    serve_outbound(
+                        tcp,
+                        watcher,
+                        outbound.clone(),
+                        admission.clone(),
+                        Some(service.clone()),
+                    )
+                },
+            )));
+        }
+        data_tasks.extend([
             tokio::spawn(accept_loop(
                 outbound_listener,
                 data_plane.clone(),
                 Some(admission.clone()),
                 move |tcp, _, watcher| {
-                    serve_outbound(tcp, watcher, outbound.clone(), outbound_admission.clone())
+                    serve_outbound(
+                        tcp,
+                        watcher,
+                        outbound.clone(),
+                        outbound_admission.clone(),
+                        None,
+                    )
                 },
             )),
             tokio::spawn(accept_loop(
@@ -168,7 +206,7 @@ impl Sidecar {
                     )
                 },
             )),
-        ];
+        ]);
         let admin_for_loop = admin.clone();
         let admin_task = tokio::spawn(accept_loop(
             admin_listener,
@@ -202,6 +240,7 @@ impl Sidecar {
         );
         Ok(Sidecar {
             outbound_addr,
+            pinned_addrs,
             inbound_addr,
             admin_addr,
             admin,
@@ -217,6 +256,11 @@ impl Sidecar {
 
     pub fn outbound_addr(&self) -> SocketAddr {
         self.outbound_addr
+    }
+
+    /// The bound `listen.pinned` ports, in config order.
+    pub fn pinned_addrs(&self) -> &[SocketAddr] {
+        &self.pinned_addrs
     }
 
     pub fn inbound_addr(&self) -> SocketAddr {
@@ -372,6 +416,7 @@ async fn serve_outbound(
     watcher: Watcher,
     outbound: Arc<Outbound>,
     admission: Arc<Admission>,
+    pinned: Option<Arc<str>>,
 ) {
     let _ = tcp.set_nodelay(true);
     let limits = &admission.limits;
@@ -393,9 +438,12 @@ async fn serve_outbound(
     let (io, verdicts) = FramingIo::new(tcp, limits.max_header_bytes);
     let svc = service_fn(move |req| {
         let outbound = outbound.clone();
+        let pinned = pinned.clone();
         let guard = tracker.begin();
         let verdict = verdicts.next();
-        async move {
+        // Boxed: the handler's state is large (about 11 KB), and hyper moves an unboxed
+        // one several times while spawning the stream's task.
+        Box::pin(async move {
             let resp = match verdict {
                 // hyper closes the connection after such a request, so nothing that
                 // follows it on the wire is read as a request either.
@@ -407,10 +455,10 @@ async fn serve_outbound(
                         shape.describe()
                     ),
                 ),
-                Ok(()) => outbound.handle(req).await?,
+                Ok(()) => outbound.handle(req, pinned.as_deref()).await?,
             };
             Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
-        }
+        })
     });
     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
     let result = tokio::select! {
@@ -498,7 +546,8 @@ async fn serve_inbound(
             let failures = failures.clone();
             let cut_off = cut_off.clone();
             let guard = tracker.begin();
-            async move {
+            // Boxed for the same reason as on the outbound side.
+            Box::pin(async move {
                 let resp = inbound.handle(req, caller).await?;
                 if proxy::inbound::is_peer_failure(&resp)
                     && failures.fetch_add(1, Ordering::Relaxed) + 1 >= threshold
@@ -506,7 +555,7 @@ async fn serve_inbound(
                     cut_off.cancel();
                 }
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
-            }
+            })
         })
     };
     let conn = builder.serve_connection(TokioIo::new(tls), svc);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use seam::config::{Config, ConfigError, LimitsConfig, Quota, UpstreamProtocol};
+use seam::config::{Config, ConfigError, LimitsConfig, PinnedRoute, Quota, UpstreamProtocol};
 use tempfile::TempDir;
 
 /// A small valid config; the bad-input tests change one line of it, so the line numbers
@@ -162,6 +162,11 @@ fn billing_example_loads_with_its_values() {
         Some(&vec![addr("127.0.0.1:15443")])
     );
     assert_eq!(config.runtime.worker_threads, None);
+    assert!(config.listen.pinned.is_empty());
+    assert!(
+        !config.interop.plain_mtls,
+        "plain mTLS callers are refused by default"
+    );
 }
 
 #[test]
@@ -682,4 +687,74 @@ fn limits_are_validated_with_their_position() {
         21,
         &["unknown key 'max_conections'", "max_connections"],
     );
+}
+
+#[test]
+fn pinned_ports_and_plain_mtls_are_read() {
+    let text = BASE.replace(
+        "listen: { outbound: 127.0.0.1:15001, inbound: 0.0.0.0:15443, admin: 127.0.0.1:15000 }",
+        "listen: { outbound: 127.0.0.1:15001, inbound: 0.0.0.0:15443, admin: 127.0.0.1:15000, \
+         pinned: { \"127.0.0.1:15101\": billing, \"127.0.0.1:15102\": billing } }",
+    ) + "interop: { plain_mtls: true }\n";
+    let (_dir, _path, result) = load_text(&text);
+    let config = result.expect("valid");
+    assert_eq!(
+        config.listen.pinned,
+        vec![
+            PinnedRoute {
+                listen: addr("127.0.0.1:15101"),
+                service: "billing".into(),
+            },
+            PinnedRoute {
+                listen: addr("127.0.0.1:15102"),
+                service: "billing".into(),
+            },
+        ]
+    );
+    assert!(config.interop.plain_mtls);
+}
+
+#[test]
+fn pinned_port_must_name_a_peer_and_a_free_port() {
+    let listen = "admin: 127.0.0.1:15000 }";
+    let (path, err) = error_for(
+        listen,
+        "admin: 127.0.0.1:15000, pinned: { \"127.0.0.1:15101\": reports } }",
+    );
+    assert_error(
+        &path,
+        &err,
+        3,
+        &[
+            "listen.pinned 127.0.0.1:15101",
+            "'reports'",
+            "not under peers",
+        ],
+    );
+    let (path, err) = error_for(
+        listen,
+        "admin: 127.0.0.1:15000, pinned: { \"127.0.0.1:15000\": billing } }",
+    );
+    assert_error(&path, &err, 3, &["clashes with listen.admin"]);
+    let (path, err) = error_for(
+        listen,
+        "admin: 127.0.0.1:15000, pinned: { \"127.0.0.1:15101\": Billing } }",
+    );
+    assert_error(&path, &err, 3, &["'Billing' is not a valid service name"]);
+}
+
+#[test]
+fn kubernetes_style_service_names_are_accepted() {
+    let text = BASE
+        .replace("service: orders", "service: orders.shop")
+        .replace(
+            "billing: [127.0.0.1:25443]",
+            "billing.shop: [127.0.0.1:25443]",
+        );
+    let (_dir, _path, result) = load_text(&text);
+    let config = result.expect("valid");
+    assert_eq!(config.service, "orders.shop");
+    assert!(config.peers.contains_key("billing.shop"));
+    let (path, err) = error_for("service: orders", "service: orders.shop.eu");
+    assert_error(&path, &err, 1, &["<service-account>.<namespace>"]);
 }

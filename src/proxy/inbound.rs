@@ -18,9 +18,9 @@ use uuid::Uuid;
 
 use super::body::{OpenedBody, SealedBody};
 use super::head::{RequestHead, ResponseHead};
-use super::headers::{SEAM_ERROR, SEAM_SESSION, header_value, strip_hop_by_hop};
+use super::headers::{SEAM_ERROR, SEAM_SESSION, header_value, request_authority, strip_hop_by_hop};
 use super::upstream::Upstream;
-use super::{Failure, HANDSHAKE_PATH, MESSAGE_PATH, failure_response};
+use super::{Failure, HANDSHAKE_PATH, MESSAGE_PATH, SEAM_PATH_PREFIX, failure_response};
 use crate::admin::stats::{Direction, HandshakeFailure, Stats};
 use crate::admission::{Admission, Breach};
 use crate::handshake::{CLIENT_HELLO_LEN, ClientHello, HandshakeError, respond};
@@ -30,7 +30,9 @@ use crate::session::seal::MAX_PAYLOAD;
 use crate::session::{Role, Session, SessionCache, SessionLimits};
 
 pub type UpstreamReply = Either<Incoming, Full<Bytes>>;
-pub type InboundBody = Either<SealedBody<UpstreamReply>, Full<Bytes>>;
+/// A sealed reply to a seam, or a plain one: the app's own answer to a plain mTLS caller,
+/// or seam's refusal.
+pub type InboundBody = Either<SealedBody<UpstreamReply>, UpstreamReply>;
 
 /// Whether seam refused this reply because of something the calling seam sent (an
 /// unreadable or forged message, a session that is not its own), as opposed to a
@@ -67,6 +69,7 @@ pub struct Inbound {
     stats: Arc<Stats>,
     callers: Arc<CallerLimiter>,
     admission: Arc<Admission>,
+    plain_mtls: bool,
 }
 
 impl Inbound {
@@ -89,7 +92,14 @@ impl Inbound {
             stats,
             callers: gate.callers,
             admission: gate.admission,
+            plain_mtls: false,
         }
+    }
+
+    /// Serves plain requests from authenticated non-seam callers (`interop.plain_mtls`).
+    pub fn with_plain_mtls(mut self, on: bool) -> Self {
+        self.plain_mtls = on;
+        self
     }
 
     pub fn sessions(&self) -> &SessionCache<Uuid> {
@@ -105,10 +115,14 @@ impl Inbound {
         let resp = match (req.method(), req.uri().path()) {
             (&Method::POST, MESSAGE_PATH) => self.message(req, &caller).await,
             (&Method::POST, HANDSHAKE_PATH) => self.handshake(req, &caller).await,
+            _ if self.plain_mtls && !req.uri().path().starts_with(SEAM_PATH_PREFIX) => {
+                self.plain(req, &caller).await
+            }
             _ => self.refuse(
                 Failure::BadRequest,
                 &format!(
-                    "seam({}): {} {} is not a seam endpoint; only seams talk to this port",
+                    "seam({}): {} {} is not a seam endpoint; only seams talk to this port \
+                     (set interop.plain_mtls to serve plain requests from mesh certificates)",
                     self.service,
                     req.method(),
                     req.uri().path()
@@ -171,8 +185,8 @@ impl Inbound {
             self.limits,
         ));
         self.sessions.insert(session.id(), session).await;
-        Response::new(Either::Right(Full::new(Bytes::copy_from_slice(
-            &reply.encode(),
+        Response::new(Either::Right(Either::Right(Full::new(
+            Bytes::copy_from_slice(&reply.encode()),
         ))))
     }
 
@@ -192,28 +206,8 @@ impl Inbound {
         let started = tokio::time::Instant::now();
         // Before the session lookup and before any frame is opened: a caller over its
         // quota costs one map lookup, no cache traffic and no decryption.
-        if let Err(wait) = self.callers.check(caller.service()) {
-            let seconds = wait.seconds();
-            self.admission.breach(
-                Breach::RateLimited,
-                &format!(
-                    "seam({}): {caller} is over its rate limit; refusing with 429 (adjust \
-                     rate_limit.services.{} if its load is expected)",
-                    self.service,
-                    caller.service()
-                ),
-            );
-            let mut resp = self.refuse(
-                Failure::RateLimited,
-                &format!(
-                    "seam({}): {} is over its rate limit; retry after {seconds}s",
-                    self.service,
-                    caller.service()
-                ),
-            );
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
-            return resp;
+        if let Some(refusal) = self.over_quota(caller) {
+            return refusal;
         }
         let id = req
             .headers()
@@ -300,7 +294,8 @@ impl Inbound {
         });
         let upstream = timeout(
             self.request_timeout,
-            self.upstream.send(head, body, caller.service()),
+            self.upstream
+                .send(head, Either::Left(body), caller.service()),
         )
         .await;
         let (resp_head, resp_body) = match upstream {
@@ -369,6 +364,88 @@ impl Inbound {
         }
     }
 
+    /// A plain request from a caller that verified with a mesh certificate but speaks no
+    /// seam sessions: rate limited like any caller, then handed to the app as it came.
+    async fn plain(&self, req: Request<Incoming>, caller: &SpiffeId) -> Response<InboundBody> {
+        let started = tokio::time::Instant::now();
+        if let Some(refusal) = self.over_quota(caller) {
+            return refusal;
+        }
+        let authority = request_authority(&req);
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let head = RequestHead {
+            method: parts.method,
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            authority,
+            headers: parts.headers,
+        };
+        let upstream = timeout(
+            self.request_timeout,
+            self.upstream
+                .send(head, Either::Right(body), caller.service()),
+        )
+        .await;
+        let resp = match upstream {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Right(Either::Left(body)))
+            }
+            Ok(Err(e)) => self.refuse(
+                Failure::UpstreamUnavailable,
+                &format!(
+                    "seam({}): upstream {} unavailable: {e}",
+                    self.service,
+                    self.upstream.url()
+                ),
+            ),
+            Err(_) => self.refuse(
+                Failure::Timeout,
+                &format!(
+                    "seam({}): upstream {} did not answer within {:?}",
+                    self.service,
+                    self.upstream.url(),
+                    self.request_timeout
+                ),
+            ),
+        };
+        self.stats.record_status(Direction::Inbound, resp.status());
+        self.stats
+            .observe_duration(Direction::Inbound, started.elapsed());
+        resp
+    }
+
+    /// The 429 for a caller over its quota (`rate_limit`), or `None` to go on.
+    fn over_quota(&self, caller: &SpiffeId) -> Option<Response<InboundBody>> {
+        let wait = self.callers.check(caller.service()).err()?;
+        let seconds = wait.seconds();
+        self.admission.breach(
+            Breach::RateLimited,
+            &format!(
+                "seam({}): {caller} is over its rate limit; refusing with 429 (adjust \
+                 rate_limit.services.{} if its load is expected)",
+                self.service,
+                caller.service()
+            ),
+        );
+        let mut resp = self.refuse(
+            Failure::RateLimited,
+            &format!(
+                "seam({}): {} is over its rate limit; retry after {seconds}s",
+                self.service,
+                caller.service()
+            ),
+        );
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+        Some(resp)
+    }
+
     /// A failure reported to the calling app through the sealed channel, so it reads
     /// like any response but says it came from seam.
     fn sealed_failure(&self, failure: Failure, message: String) -> (ResponseHead, UpstreamReply) {
@@ -394,6 +471,6 @@ impl Inbound {
         self.stats
             .record_status(Direction::Inbound, failure.status());
         tracing::debug!(failure = failure.code(), "{message}");
-        failure_response(failure, message).map(Either::Right)
+        failure_response(failure, message).map(|b| Either::Right(Either::Right(b)))
     }
 }

@@ -16,6 +16,8 @@ use http_body_util::Full;
 
 use headers::SEAM_ERROR;
 
+/// Every seam-to-seam endpoint lives under this path; plain mTLS callers never reach it.
+pub const SEAM_PATH_PREFIX: &str = "/_seam/";
 /// The handshake endpoint on the inbound port (seam to seam only).
 pub const HANDSHAKE_PATH: &str = "/_seam/v1/handshake";
 /// Sealed messages travel as POSTs to this path.

@@ -75,10 +75,12 @@ impl Outbound {
         &self.sessions
     }
 
-    /// Serves one request from the local app.
+    /// Serves one request from the local app, to `pinned` when it came in on a
+    /// `listen.pinned` port, else to the service its URI or Host names.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        pinned: Option<&str>,
     ) -> Result<Response<OutboundBody>, Infallible> {
         let started = Instant::now();
         // Only copied when the access log is on, so the default path allocates nothing.
@@ -89,7 +91,10 @@ impl Outbound {
                 req.uri().path().to_owned(),
             )
         });
-        let target = target_service(&req);
+        let target = match pinned {
+            Some(service) => Some(service.to_owned()),
+            None => target_service(&req),
+        };
         let resp = match timeout(self.request_timeout, self.forward(req, target.as_deref())).await {
             Ok(resp) => resp,
             Err(_) => self.fail(

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,7 +15,8 @@ use super::head::RequestHead;
 use super::headers::{SEAM_CALLER, header_value, strip_hop_by_hop, strip_seam_headers};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 
-pub type UpstreamBody = OpenedBody<Incoming>;
+/// An opened sealed body, or a plain one from a non-seam caller (`interop.plain_mtls`).
+pub type UpstreamBody = Either<OpenedBody<Incoming>, Incoming>;
 
 pub struct Upstream {
     client: Client<HttpConnector, UpstreamBody>,

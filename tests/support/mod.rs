@@ -22,8 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use seam::Sidecar;
 use seam::config::{
-    AdminConfig, Config, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig, SessionConfig,
-    TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
+    AdminConfig, Config, InteropConfig, LimitsConfig, ListenConfig, RateLimitConfig, RuntimeConfig,
+    SessionConfig, TimeoutConfig, TlsConfig, UpstreamConfig, UpstreamProtocol,
 };
 use seam::identity::{DevCa, Identity};
 use sha2::{Digest, Sha256};
@@ -324,6 +324,7 @@ pub fn config(service: &str, upstream: &str, peers: BTreeMap<String, Vec<SocketA
             outbound: any,
             inbound: any,
             admin: any,
+            pinned: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: upstream.parse().unwrap(),
@@ -350,6 +351,7 @@ pub fn config(service: &str, upstream: &str, peers: BTreeMap<String, Vec<SocketA
             ..AdminConfig::default()
         },
         limits: LimitsConfig::default(),
+        interop: InteropConfig::default(),
     }
 }
 
