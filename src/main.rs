@@ -10,6 +10,12 @@ use seam::Sidecar;
 use seam::config::Config;
 use seam::demo::{self, DemoMesh};
 use seam::identity::{CertsInit, Identity, init_certs};
+
+/// mimalloc instead of glibc's malloc: the proxy allocates and frees many small, short-lived
+/// buffers per request (headers, frames, task cells), where glibc's bins and aligned
+/// allocations showed up at about a tenth of the CPU in profiles (benches/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use seam::logging::{self, LogFormat};
 
 /// Exit status for a configuration that does not validate; distinct from 1 so scripts
