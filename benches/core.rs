@@ -21,6 +21,11 @@
 //!   for a peer that already has a usable session, per iteration.
 //! - `session_cache/block_on_overhead`: an empty async iteration on the same
 //!   current-thread runtime, to show what the runtime adds to one batch of 1000.
+//! - `limiter/one_caller`: 1000 `CallerLimiter::check` for one caller whose quota is
+//!   never reached (the inbound hot path: one lookup plus governor's GCRA update).
+//! - `limiter/many_callers`: the same for 1000 of 5 000 distinct callers in turn.
+//! - `limiter/refused`: 1000 checks of a caller that is over its quota (the path a
+//!   flooding caller costs: the lookup, the GCRA verdict and the refusal count).
 
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
@@ -31,7 +36,9 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, 
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use seam::config::{Quota, RateLimitConfig};
 use seam::handshake::{ClientHandshake, SessionKeys, respond};
+use seam::ratelimit::CallerLimiter;
 use seam::session::replay::ReplayWindow;
 use seam::session::seal::{
     Direction, FrameHeader, FrameKey, FrameKind, HEADER_LEN, MessageOpener, MessageSealer,
@@ -307,12 +314,61 @@ fn bench_session_cache(c: &mut Criterion) {
     group.finish();
 }
 
+fn limiter_config(per_second: u32, burst: u32) -> RateLimitConfig {
+    let limited = |n| std::num::NonZeroU32::new(n).expect("non-zero");
+    RateLimitConfig {
+        default: Quota::Limited {
+            per_second: limited(per_second),
+            burst: limited(burst),
+        },
+        services: Default::default(),
+    }
+}
+
+fn bench_limiter(c: &mut Criterion) {
+    let mut group = c.benchmark_group("limiter");
+    group.throughput(Throughput::Elements(LOOKUPS as u64));
+
+    let open = CallerLimiter::new(&limiter_config(1_000_000_000, 1_000_000_000));
+    group.bench_function("one_caller", |b| {
+        b.iter(|| {
+            for _ in 0..LOOKUPS {
+                black_box(open.check(black_box("orders")).is_ok());
+            }
+        });
+    });
+
+    let callers: Vec<String> = (0..5_000).map(|i| format!("svc-{i}")).collect();
+    let mut next = 0;
+    group.bench_function("many_callers", |b| {
+        b.iter(|| {
+            for _ in 0..LOOKUPS {
+                next = (next + 1) % callers.len();
+                black_box(open.check(&callers[next]).is_ok());
+            }
+        });
+    });
+
+    let tight = CallerLimiter::new(&limiter_config(1, 1));
+    let _ = tight.check("flood");
+    group.bench_function("refused", |b| {
+        b.iter(|| {
+            for _ in 0..LOOKUPS {
+                black_box(tight.check(black_box("flood")).is_err());
+            }
+        });
+    });
+    assert!(tight.refused_by("flood") > 0);
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_seal, bench_open, bench_seal_open, bench_handshake, bench_session_cache
+    targets = bench_seal, bench_open, bench_seal_open, bench_handshake, bench_session_cache,
+        bench_limiter
 }
 criterion_main!(benches);
