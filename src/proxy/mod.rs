@@ -132,11 +132,23 @@ pub mod h2_tuning {
     pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
     pub const MAX_FRAME: u32 = 64 * 1024;
 
+    /// Reset streams remembered so that frames still in flight for them are dropped
+    /// quietly (h2 keeps 50). When apps hang up on many large downloads at once, the
+    /// peer seam's DATA already in flight (up to a 4 MiB window each) keeps arriving.
+    pub const RESET_STREAMS_REMEMBERED: usize = 1024;
+
+    /// The client side talks only to authenticated peer seams. h2 closes a connection
+    /// after 1024 streams it had to reset because of frames on streams it had already
+    /// closed, counted over the connection's life; under load-generator churn (clients
+    /// hanging up mid-download, again and again) that ended the shared mesh connection
+    /// and failed every request on it. seam's own `limits.peer_failures` judges peers.
     pub fn client(b: &mut hyper::client::conn::http2::Builder<TokioExecutor>) {
         b.initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .adaptive_window(false);
+            .adaptive_window(false)
+            .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
+            .max_local_error_reset_streams(None);
     }
 
     pub fn server(b: &mut hyper::server::conn::http2::Builder<TokioExecutor>) {
