@@ -156,10 +156,14 @@ impl Sidecar {
         let outbound_admission = admission.clone();
         let inbound_admission = admission.clone();
         let mut data_tasks = Vec::new();
-        for (listener, service) in pinned_listeners {
+        let outbound_ports = std::iter::once((outbound_listener, None))
+            .chain(pinned_listeners.into_iter().map(|(l, s)| (l, Some(s))));
+        for (listener, pinned) in outbound_ports {
+            if let Some(service) = &pinned {
+                tracing::info!(listen = ?listener.local_addr().ok(), service = &**service, "pinned outbound port");
+            }
             let outbound = outbound.clone();
-            let admission = admission.clone();
-            tracing::info!(listen = ?listener.local_addr().ok(), service = &*service, "pinned outbound port");
+            let admission = outbound_admission.clone();
             data_tasks.push(tokio::spawn(accept_loop(
                 listener,
                 data_plane.clone(),
@@ -170,43 +174,27 @@ impl Sidecar {
                         watcher,
                         outbound.clone(),
                         admission.clone(),
-                        Some(service.clone()),
+                        pinned.clone(),
                     )
                 },
             )));
         }
-        data_tasks.extend([
-            tokio::spawn(accept_loop(
-                outbound_listener,
-                data_plane.clone(),
-                Some(admission.clone()),
-                move |tcp, _, watcher| {
-                    serve_outbound(
-                        tcp,
-                        watcher,
-                        outbound.clone(),
-                        outbound_admission.clone(),
-                        None,
-                    )
-                },
-            )),
-            tokio::spawn(accept_loop(
-                inbound_listener,
-                data_plane.clone(),
-                Some(admission.clone()),
-                move |tcp, remote, watcher| {
-                    serve_inbound(
-                        tcp,
-                        remote,
-                        watcher,
-                        acceptor.clone(),
-                        trust_domain.clone(),
-                        inbound.clone(),
-                        inbound_admission.clone(),
-                    )
-                },
-            )),
-        ]);
+        data_tasks.extend([tokio::spawn(accept_loop(
+            inbound_listener,
+            data_plane.clone(),
+            Some(admission.clone()),
+            move |tcp, remote, watcher| {
+                serve_inbound(
+                    tcp,
+                    remote,
+                    watcher,
+                    acceptor.clone(),
+                    trust_domain.clone(),
+                    inbound.clone(),
+                    inbound_admission.clone(),
+                )
+            },
+        ))]);
         let admin_for_loop = admin.clone();
         let admin_task = tokio::spawn(accept_loop(
             admin_listener,

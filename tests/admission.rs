@@ -11,11 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use seam::Sidecar;
 use seam::admission::Breach;
 use seam::config::Quota;
-use seam::identity::SpiffeId;
 use seam::proxy::Failure;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -401,23 +399,7 @@ async fn handshakes_per_source_ip_are_limited() {
 #[tokio::test]
 async fn a_peer_sending_bad_messages_is_disconnected() {
     let mesh = Mesh::start_with(|_| {}, |b| b.limits.peer_failures = 3).await;
-    let id = identity(&mesh.ca, "orders");
-    let connector = tokio_rustls::TlsConnector::from(id.client_config("billing").unwrap());
-    let tcp = TcpStream::connect(mesh.billing.inbound_addr())
-        .await
-        .unwrap();
-    let server_name = SpiffeId::new(TRUST_DOMAIN, "billing")
-        .unwrap()
-        .server_name()
-        .unwrap();
-    let tls = connector.connect(server_name, tcp).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    let conn_task = tokio::spawn(conn);
+    let (mut sender, conn_task) = mtls_h2_to_billing::<Full<Bytes>>(&mesh, "orders").await;
     let mut statuses = Vec::new();
     // Bounded: the threshold is 3; the connection must be gone well before 10.
     for _ in 0..10 {

@@ -9,12 +9,9 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use seam::Sidecar;
 use seam::config::PinnedRoute;
-use seam::identity::SpiffeId;
 use support::*;
-use tokio::net::TcpStream;
 
 /// One plain HTTP/2 GET over mutual TLS to `seam`'s inbound port, presenting a mesh
 /// certificate for `caller`, as another mesh's proxy would: status, seam-error, body.
@@ -23,23 +20,7 @@ async fn plain_mtls_get(
     caller: &str,
     path: &str,
 ) -> (u16, Option<String>, serde_json::Value) {
-    let id = identity(&mesh.ca, caller);
-    let connector = tokio_rustls::TlsConnector::from(id.client_config("billing").unwrap());
-    let tcp = TcpStream::connect(mesh.billing.inbound_addr())
-        .await
-        .unwrap();
-    let name = SpiffeId::new(TRUST_DOMAIN, "billing")
-        .unwrap()
-        .server_name()
-        .unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = mtls_h2_to_billing::<Empty<Bytes>>(mesh, caller).await;
     let req = Request::get(format!("https://billing{path}"))
         .body(Empty::new())
         .unwrap();

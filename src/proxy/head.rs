@@ -48,6 +48,23 @@ pub struct ResponseHead {
 struct Reader<'a>(&'a [u8]);
 
 impl RequestHead {
+    /// The head of a request as it arrived, with hop-by-hop headers removed; the
+    /// authority is passed in because callers read it before taking the request apart.
+    pub fn from_parts(parts: http::request::Parts, authority: String) -> Self {
+        let mut headers = parts.headers;
+        super::headers::strip_hop_by_hop(&mut headers);
+        RequestHead {
+            method: parts.method,
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            authority,
+            headers,
+        }
+    }
+
     pub fn encode(&self, max: usize) -> Result<Bytes, HeadError> {
         let mut out =
             BytesMut::with_capacity(64 + self.path_and_query.len() + 32 * self.headers.len());

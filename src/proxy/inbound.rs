@@ -372,18 +372,8 @@ impl Inbound {
             return refusal;
         }
         let authority = request_authority(&req);
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let head = RequestHead {
-            method: parts.method,
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
-            authority,
-            headers: parts.headers,
-        };
+        let (parts, body) = req.into_parts();
+        let head = RequestHead::from_parts(parts, authority);
         let upstream = timeout(
             self.request_timeout,
             self.upstream

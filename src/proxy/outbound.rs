@@ -160,20 +160,10 @@ impl Outbound {
             );
         }
         let authority = request_authority(&req);
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        strip_seam_headers(&mut parts.headers);
-        parts.headers.remove(header::HOST);
-        let head = RequestHead {
-            method: parts.method,
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
-            authority,
-            headers: parts.headers,
-        };
+        let (parts, body) = req.into_parts();
+        let mut head = RequestHead::from_parts(parts, authority);
+        strip_seam_headers(&mut head.headers);
+        head.headers.remove(header::HOST);
         let head = match head.encode(MAX_PAYLOAD) {
             Ok(h) => h,
             Err(HeadError::TooLarge { max }) => {

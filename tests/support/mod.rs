@@ -378,6 +378,37 @@ pub fn peers(name: &str, addrs: &[SocketAddr]) -> BTreeMap<String, Vec<SocketAdd
     BTreeMap::from([(name.to_owned(), addrs.to_vec())])
 }
 
+/// An HTTP/2 connection over mutual TLS to billing's inbound port, presenting a mesh
+/// certificate for `caller`: what a peer seam (or another mesh's proxy) opens. The
+/// connection task runs in the returned handle.
+pub async fn mtls_h2_to_billing<B>(
+    mesh: &Mesh,
+    caller: &str,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+)
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let id = identity(&mesh.ca, caller);
+    let connector = tokio_rustls::TlsConnector::from(id.client_config("billing").unwrap());
+    let tcp = tokio::net::TcpStream::connect(mesh.billing.inbound_addr())
+        .await
+        .unwrap();
+    let name = seam::identity::SpiffeId::new(TRUST_DOMAIN, "billing")
+        .unwrap()
+        .server_name()
+        .unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, B>(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 impl Mesh {
     pub async fn start() -> Mesh {
         Self::start_with(|_| {}, |_| {}).await
