@@ -149,3 +149,19 @@ async fn two_seams_with_kubernetes_style_identities_carry_traffic() {
     assert!(json["headers"].get("transfer-encoding").is_none(), "{json}");
     assert!(json["headers"].get("content-length").is_none(), "{json}");
 }
+
+#[tokio::test]
+async fn a_plain_request_the_app_cannot_answer_is_a_502_counted_once() {
+    let mesh = Mesh::start_with(|_| {}, |b| b.interop.plain_mtls = true).await;
+    mesh.app.stop();
+    let (status, error, _) = plain_mtls_get(&mesh, "reports", "/headers").await;
+    assert_eq!(
+        (status, error.as_deref()),
+        (502, Some("upstream-unavailable"))
+    );
+    let inbound = mesh
+        .billing
+        .stats()
+        .requests(seam::admin::stats::Direction::Inbound);
+    assert_eq!((inbound.total, inbound.c5xx), (1, 1));
+}

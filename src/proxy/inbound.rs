@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::body::{OpenedBody, SealedBody};
 use super::head::{RequestHead, ResponseHead};
 use super::headers::{SEAM_ERROR, SEAM_SESSION, header_value, request_authority, strip_hop_by_hop};
-use super::upstream::Upstream;
+use super::upstream::{Upstream, UpstreamBody};
 use super::{Failure, HANDSHAKE_PATH, MESSAGE_PATH, SEAM_PATH_PREFIX, failure_response};
 use crate::admin::stats::{Direction, HandshakeFailure, Stats};
 use crate::admission::{Admission, Breach};
@@ -292,39 +292,16 @@ impl Inbound {
                 .to_owned();
             (head.method.clone(), head.authority.clone(), path)
         });
-        let upstream = timeout(
-            self.request_timeout,
-            self.upstream
-                .send(head, Either::Left(body), caller.service()),
-        )
-        .await;
-        let (resp_head, resp_body) = match upstream {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+        let (resp_head, resp_body) = match self.to_app(head, Either::Left(body), caller).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
                 let head = ResponseHead {
                     status: parts.status,
                     headers: parts.headers,
                 };
                 (head, Either::Left(body))
             }
-            Ok(Err(e)) => self.sealed_failure(
-                Failure::UpstreamUnavailable,
-                format!(
-                    "seam({}): upstream {} unavailable: {e}",
-                    self.service,
-                    self.upstream.url()
-                ),
-            ),
-            Err(_) => self.sealed_failure(
-                Failure::Timeout,
-                format!(
-                    "seam({}): upstream {} did not answer within {:?}",
-                    self.service,
-                    self.upstream.url(),
-                    self.request_timeout
-                ),
-            ),
+            Err((failure, message)) => self.sealed_failure(failure, message),
         };
         self.stats
             .record_status(Direction::Inbound, resp_head.status);
@@ -374,40 +351,56 @@ impl Inbound {
         let authority = request_authority(&req);
         let (parts, body) = req.into_parts();
         let head = RequestHead::from_parts(parts, authority);
-        let upstream = timeout(
-            self.request_timeout,
-            self.upstream
-                .send(head, Either::Right(body), caller.service()),
-        )
-        .await;
-        let resp = match upstream {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Right(Either::Left(body)))
+        let resp = match self.to_app(head, Either::Right(body), caller).await {
+            Ok(resp) => {
+                let resp = resp.map(|b| Either::Right(Either::Left(b)));
+                self.stats.record_status(Direction::Inbound, resp.status());
+                resp
             }
-            Ok(Err(e)) => self.refuse(
+            // `refuse` counts the status itself.
+            Err((failure, message)) => self.refuse(failure, &message),
+        };
+        self.stats
+            .observe_duration(Direction::Inbound, started.elapsed());
+        resp
+    }
+
+    /// Hands a request to the app within the request timeout; the response comes back
+    /// with hop-by-hop headers removed, a failure as what to answer and why.
+    async fn to_app(
+        &self,
+        head: RequestHead,
+        body: UpstreamBody,
+        caller: &SpiffeId,
+    ) -> Result<Response<Incoming>, (Failure, String)> {
+        match timeout(
+            self.request_timeout,
+            self.upstream.send(head, body, caller.service()),
+        )
+        .await
+        {
+            Ok(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Ok(resp)
+            }
+            Ok(Err(e)) => Err((
                 Failure::UpstreamUnavailable,
-                &format!(
+                format!(
                     "seam({}): upstream {} unavailable: {e}",
                     self.service,
                     self.upstream.url()
                 ),
-            ),
-            Err(_) => self.refuse(
+            )),
+            Err(_) => Err((
                 Failure::Timeout,
-                &format!(
+                format!(
                     "seam({}): upstream {} did not answer within {:?}",
                     self.service,
                     self.upstream.url(),
                     self.request_timeout
                 ),
-            ),
-        };
-        self.stats.record_status(Direction::Inbound, resp.status());
-        self.stats
-            .observe_duration(Direction::Inbound, started.elapsed());
-        resp
+            )),
+        }
     }
 
     /// The 429 for a caller over its quota (`rate_limit`), or `None` to go on.
