@@ -136,13 +136,13 @@ impl Sidecar {
         ));
 
         let outbound_listener = bind("outbound", config.listen.outbound).await?;
-        let mut pinned_listeners = Vec::new();
+        // The plain outbound port routes by Host; each pinned one to its service.
+        let mut outbound_ports: Vec<(TcpListener, Option<Arc<str>>)> = Vec::new();
         let mut pinned_addrs = Vec::new();
         for route in &config.listen.pinned {
             let listener = bind("pinned", route.listen).await?;
             pinned_addrs.push(local_addr("pinned", &listener)?);
-            let service: Arc<str> = route.service.as_str().into();
-            pinned_listeners.push((listener, service));
+            outbound_ports.push((listener, Some(route.service.as_str().into())));
         }
         let inbound_listener = bind("inbound", config.listen.inbound).await?;
         let admin_listener = bind("admin", config.listen.admin).await?;
@@ -155,9 +155,8 @@ impl Sidecar {
         let trust_domain: Arc<str> = config.trust_domain.clone().into();
         let outbound_admission = admission.clone();
         let inbound_admission = admission.clone();
+        outbound_ports.push((outbound_listener, None));
         let mut data_tasks = Vec::new();
-        let outbound_ports = std::iter::once((outbound_listener, None))
-            .chain(pinned_listeners.into_iter().map(|(l, s)| (l, Some(s))));
         for (listener, pinned) in outbound_ports {
             if let Some(service) = &pinned {
                 tracing::info!(listen = ?listener.local_addr().ok(), service = &**service, "pinned outbound port");
