@@ -51,10 +51,16 @@ impl BodyError {
     }
 }
 
-/// One poll of a [`SealedBody`] gathers the frames that are ready up to about this many
-/// bytes, so a small message (head, body, end) leaves as one HTTP/2 DATA frame with
-/// END_STREAM instead of three, and a large one in chunks of the HTTP/2 frame size.
-const GATHER: usize = MAX_PAYLOAD;
+/// One poll of a [`SealedBody`] gathers the frames that are ready up to this many sealed
+/// bytes, the mesh hop's HTTP/2 frame size: a small message (head, body, end) leaves as
+/// one DATA frame with END_STREAM instead of three, and what waits in HTTP/2's send
+/// queue per stream stays bounded however large the chunks the app's side delivers.
+const GATHER: usize = super::h2_tuning::MAX_FRAME as usize;
+
+/// Plaintext per sealed data frame, so that one sealed frame fills one HTTP/2 DATA frame
+/// exactly: the receiver then opens each DATA frame as it comes, instead of joining a
+/// frame from two pieces (a reallocation and two copies per frame).
+const DATA_PIECE: usize = GATHER - HEADER_LEN - TAG_LEN;
 
 /// Wraps a plain body and yields it sealed: the head frame first, then a sealed
 /// frame per chunk, trailers if any, and the final frame. Frames that are ready at
@@ -64,6 +70,8 @@ pub struct SealedBody<B> {
     sealer: MessageSealer,
     /// Sealed bytes not yielded yet: the head at first.
     out: BytesMut,
+    /// The rest of the inner body's last chunk, sealed on later polls.
+    pending: Bytes,
     done: bool,
     guard: Option<InFlight>,
     /// The session whose byte counters this body feeds.
@@ -118,6 +126,7 @@ impl<B> SealedBody<B> {
             inner,
             sealer,
             out,
+            pending: Bytes::new(),
             done: false,
             counted: guard.as_ref().map(|g| g.session().clone()),
             guard,
@@ -137,12 +146,20 @@ impl<B> SealedBody<B> {
         }
     }
 
-    fn seal_data(&mut self, data: &[u8]) -> Result<(), SealError> {
+    /// Seals the next piece of `pending` as one frame if it fits in this poll's chunk.
+    /// Returns false when the chunk is full.
+    fn seal_pending(&mut self) -> Result<bool, SealError> {
+        let piece = self.pending.len().min(DATA_PIECE);
+        let sealed = HEADER_LEN + piece + TAG_LEN;
+        if !self.out.is_empty() && self.out.len() + sealed > GATHER {
+            return Ok(false);
+        }
+        let data = self.pending.split_to(piece);
         self.count_out(data.len());
-        let frames = data.len().div_ceil(MAX_PAYLOAD);
-        self.out
-            .reserve(data.len() + frames * (HEADER_LEN + TAG_LEN) + HEADER_LEN + TAG_LEN);
-        self.sealer.seal(FrameKind::Data, data, &mut self.out)
+        // Room for the end frame too, which usually follows the last piece at once.
+        self.out.reserve(sealed + HEADER_LEN + TAG_LEN);
+        self.sealer.seal(FrameKind::Data, &data, &mut self.out)?;
+        Ok(true)
     }
 
     fn seal_end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), BoxError> {
@@ -171,12 +188,17 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         while !this.done && this.out.len() < GATHER {
+            if !this.pending.is_empty() {
+                if !this.seal_pending()? {
+                    break;
+                }
+                continue;
+            }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending if this.out.is_empty() => return Poll::Pending,
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) => this.seal_data(&data)?,
+                    Ok(data) => this.pending = data,
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
                             this.seal_end(Some(&trailers))?;
@@ -188,6 +210,7 @@ where
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
                     this.out.clear();
+                    this.pending.clear();
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(None) => this.seal_end(None)?,
@@ -545,5 +568,39 @@ mod tests {
         let data = opened.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&data[..], b"body");
         assert!(opened.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_large_chunk_leaves_in_whole_frames_of_at_most_one_http2_frame() {
+        let (client, server) = session_pair(LIMITS);
+        let (sealer, guard) = client.begin_request().unwrap();
+        // One 300 KiB chunk, as an app connection's read can deliver.
+        let body: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+        let mut sealed = SealedBody::new(
+            sealer,
+            b"head",
+            Full::new(Bytes::from(body.clone())),
+            Some(guard),
+        )
+        .unwrap();
+        let (opener, guard) = server.request_opener();
+        let mut chunks = Vec::new();
+        while let Some(frame) = sealed.frame().await {
+            let chunk = frame.unwrap().into_data().unwrap();
+            assert!(chunk.len() <= GATHER, "a chunk of {} bytes", chunk.len());
+            // Every chunk holds whole sealed frames: it opens without its neighbours.
+            let mut buf = BytesMut::from(&chunk[..]);
+            while !buf.is_empty() {
+                assert!(FrameSplitter.decode(&mut buf).unwrap().is_some());
+            }
+            chunks.push(chunk);
+        }
+        assert!(chunks.len() >= 5);
+        let wire: Vec<u8> = chunks.concat();
+        let mut opened = OpenedBody::new(Full::new(Bytes::from(wire)), opener, Some(guard));
+        assert_eq!(&opened.read_head().await.unwrap()[..], b"head");
+        let data = opened.collect().await.unwrap().to_bytes();
+        assert_eq!(data.len(), body.len());
+        assert!(data[..] == body[..]);
     }
 }
