@@ -417,6 +417,7 @@ async fn serve_outbound(
         .max_buf_size(limits.max_header_bytes);
     builder
         .http2()
+        .max_send_buf_size(proxy::h2_tuning::SEND_BUFFER)
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));

@@ -132,6 +132,12 @@ pub mod h2_tuning {
     pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
     pub const MAX_FRAME: u32 = 64 * 1024;
 
+    /// Bytes HTTP/2 queues per stream before it stops asking the body for more (hyper's
+    /// default is 400 KiB on servers, 1 MiB on clients). With one sealed frame (64 KiB)
+    /// being written and at most one more waiting, a slow reader holds back its own
+    /// stream instead of making the seam buffer hundreds of KiB for each of its streams.
+    pub const SEND_BUFFER: usize = 64 * 1024;
+
     /// Reset streams remembered so that frames still in flight for them are dropped
     /// quietly (h2 keeps 50). When apps hang up on many large downloads at once, the
     /// peer seam's DATA already in flight (up to a 4 MiB window each) keeps arriving.
@@ -147,6 +153,7 @@ pub mod h2_tuning {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .adaptive_window(false)
+            .max_send_buf_size(SEND_BUFFER)
             .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
             .max_local_error_reset_streams(None);
     }
@@ -155,6 +162,7 @@ pub mod h2_tuning {
         b.initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(SEND_BUFFER)
             .adaptive_window(false);
     }
 
@@ -162,6 +170,7 @@ pub mod h2_tuning {
         b.http2_initial_stream_window_size(STREAM_WINDOW)
             .http2_initial_connection_window_size(CONNECTION_WINDOW)
             .http2_max_frame_size(MAX_FRAME)
+            .http2_max_send_buf_size(SEND_BUFFER)
             .http2_adaptive_window(false);
     }
 }

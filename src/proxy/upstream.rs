@@ -15,6 +15,11 @@ use super::head::RequestHead;
 use super::headers::{SEAM_CALLER, header_value, strip_hop_by_hop, strip_seam_headers};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 
+/// Largest read from an HTTP/1.1 app connection: one sealed frame's worth. hyper's
+/// adaptive default grows to about 400 KiB per connection, which for a seam with a few
+/// hundred large responses in flight is most of its memory, for few saved reads.
+const APP_READ_BUFFER: usize = 64 * 1024;
+
 /// An opened sealed body, or a plain one from a non-seam caller (`interop.plain_mtls`).
 pub type UpstreamBody = Either<OpenedBody<Incoming>, Incoming>;
 
@@ -40,7 +45,8 @@ impl Upstream {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new());
+            .pool_timer(TokioTimer::new())
+            .http1_max_buf_size(APP_READ_BUFFER);
         if config.protocol == UpstreamProtocol::H2c {
             builder.http2_only(true);
             super::h2_tuning::legacy_client(&mut builder);
