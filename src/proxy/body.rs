@@ -59,8 +59,11 @@ const GATHER: usize = super::h2_tuning::MAX_FRAME as usize;
 
 /// Plaintext per sealed data frame, so that one sealed frame fills one HTTP/2 DATA frame
 /// exactly: the receiver then opens each DATA frame as it comes, instead of joining a
-/// frame from two pieces (a reallocation and two copies per frame).
+/// frame from two pieces (a reallocation and two copies per frame). It holds a whole
+/// chunk from an HTTP/1.1 app connection (at most 56 KiB), which is therefore sealed
+/// and let go in the poll that received it.
 const DATA_PIECE: usize = GATHER - HEADER_LEN - TAG_LEN;
+const _: () = assert!(DATA_PIECE == MAX_PAYLOAD);
 
 /// Wraps a plain body and yields it sealed: the head frame first, then a sealed
 /// frame per chunk, trailers if any, and the final frame. Frames that are ready at
@@ -220,7 +223,12 @@ where
             this.guard = None;
             return Poll::Ready(None);
         }
-        Poll::Ready(Some(Ok(Frame::data(this.out.split().freeze()))))
+        // The whole buffer, not `split()`: a split would leave `out` holding the spare
+        // tail of the same allocation, keeping the frame's memory alive after HTTP/2
+        // has written it and until the next frame is sealed.
+        Poll::Ready(Some(Ok(Frame::data(
+            std::mem::take(&mut this.out).freeze(),
+        ))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -602,5 +610,22 @@ mod tests {
         let data = opened.collect().await.unwrap().to_bytes();
         assert_eq!(data.len(), body.len());
         assert!(data[..] == body[..]);
+    }
+
+    #[tokio::test]
+    async fn sealing_lets_go_of_the_app_chunk_and_of_the_frame_it_yields() {
+        let (client, _server) = session_pair(LIMITS);
+        let (sealer, guard) = client.begin_request().unwrap();
+        // A chunk as large as an app connection's read delivers, still referenced here
+        // the way hyper's read buffer is.
+        let chunk = Bytes::from(vec![7u8; 56 * 1024]);
+        let mut sealed =
+            SealedBody::new(sealer, b"head", Full::new(chunk.clone()), Some(guard)).unwrap();
+        let frame = sealed.frame().await.unwrap().unwrap().into_data().unwrap();
+        // Sealed whole in this poll: the body keeps no slice of the chunk, so hyper can
+        // read the next one into the same buffer.
+        assert!(chunk.is_unique(), "the sealed body still holds the app's chunk");
+        // Nor a tail of the frame's allocation, which HTTP/2 frees once it is written.
+        assert!(frame.is_unique(), "the sealed body still holds the yielded frame");
     }
 }

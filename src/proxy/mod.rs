@@ -130,13 +130,23 @@ pub mod h2_tuning {
 
     pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
     pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-    pub const MAX_FRAME: u32 = 64 * 1024;
+    use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
-    /// Bytes HTTP/2 queues per stream before it stops asking the body for more (hyper's
-    /// default is 400 KiB on servers, 1 MiB on clients). With one sealed frame (64 KiB)
-    /// being written and at most one more waiting, a slow reader holds back its own
-    /// stream instead of making the seam buffer hundreds of KiB for each of its streams.
-    pub const SEND_BUFFER: usize = 64 * 1024;
+    /// One sealed frame with a full 64 KiB payload (64 KiB and 56 bytes): any chunk the
+    /// app's side delivers (at most 56 KiB from an HTTP/1.1 app, see `upstream.rs`)
+    /// seals whole into one frame that travels as one DATA frame. No remainder of a
+    /// chunk waits for the next frame (which would keep the app connection's read buffer
+    /// alive and make it allocate another), and the receiver opens each DATA frame as it
+    /// comes instead of joining frames split across two.
+    pub const MAX_FRAME: u32 = (MAX_PAYLOAD + HEADER_LEN + TAG_LEN) as u32;
+
+    /// Below this many queued bytes HTTP/2 takes more from a stream's body (hyper's
+    /// default is 400 KiB on servers, 1 MiB on clients). hyper polls the body for its
+    /// next frame before it waits for room, so a stream holds one frame queued and one
+    /// in hand; below one frame's size this stops a third. Memory per stream stays at
+    /// two frames however many streams share the connection, and a slow reader holds
+    /// back only its own stream.
+    pub const SEND_BUFFER: usize = 16 * 1024;
 
     /// Reset streams remembered so that frames still in flight for them are dropped
     /// quietly (h2 keeps 50). When apps hang up on many large downloads at once, the

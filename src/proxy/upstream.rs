@@ -15,10 +15,14 @@ use super::head::RequestHead;
 use super::headers::{SEAM_CALLER, header_value, strip_hop_by_hop, strip_seam_headers};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 
-/// Largest read from an HTTP/1.1 app connection: one sealed frame's worth. hyper's
-/// adaptive default grows to about 400 KiB per connection, which for a seam with a few
-/// hundred large responses in flight is most of its memory, for few saved reads.
-const APP_READ_BUFFER: usize = 64 * 1024;
+/// hyper's read buffer limit for an HTTP/1.1 app connection, which also caps the app's
+/// response head at 32 KiB (HAProxy's default buffer holds 16 KiB, nginx's 4-8 KiB).
+/// hyper's adaptive buffer grows 8 -> 24 -> 56 KiB under this limit (each step keeps the
+/// bytes already read in front), so a large body arrives in chunks of at most 56 KiB,
+/// each sealed whole into one frame. With 64 KiB the buffer ends at 120 KiB per
+/// connection: a seam with a few hundred large responses in flight spent most of its
+/// memory there, for no fewer CPU cycles per request (benches/RESULTS.md).
+const APP_READ_BUFFER: usize = 32 * 1024;
 
 /// An opened sealed body, or a plain one from a non-seam caller (`interop.plain_mtls`).
 pub type UpstreamBody = Either<OpenedBody<Incoming>, Incoming>;
