@@ -624,8 +624,14 @@ mod tests {
         let frame = sealed.frame().await.unwrap().unwrap().into_data().unwrap();
         // Sealed whole in this poll: the body keeps no slice of the chunk, so hyper can
         // read the next one into the same buffer.
-        assert!(chunk.is_unique(), "the sealed body still holds the app's chunk");
+        assert!(
+            chunk.is_unique(),
+            "the sealed body still holds the app's chunk"
+        );
         // Nor a tail of the frame's allocation, which HTTP/2 frees once it is written.
-        assert!(frame.is_unique(), "the sealed body still holds the yielded frame");
+        assert!(
+            frame.is_unique(),
+            "the sealed body still holds the yielded frame"
+        );
     }
 }
