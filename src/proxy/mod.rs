@@ -128,9 +128,10 @@ pub fn failure_response(failure: Failure, message: &str) -> Response<Full<Bytes>
 pub mod h2_tuning {
     use hyper_util::rt::TokioExecutor;
 
+    use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
+
     pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
     pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-    use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
     /// One sealed frame with a full 64 KiB payload (64 KiB and 56 bytes): any chunk the
     /// app's side delivers (at most 56 KiB from an HTTP/1.1 app, see `upstream.rs`)
