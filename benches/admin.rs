@@ -101,7 +101,9 @@ fn bench(c: &mut Criterion) {
             )
             .expect("respond");
             c.finish(&reply).expect("finish");
-            let s = std::sync::Arc::new(Session::new(keys, Role::Server, "orders", limits));
+            let s = std::sync::Arc::new(
+                Session::new(keys, Role::Server, "orders", limits).expect("session"),
+            );
             seam.server_sessions().insert(s.id(), s).await;
         }
         (seam, upstream)

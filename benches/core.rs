@@ -8,6 +8,9 @@
 //!   AES-256-GCM in place, tag append). The sealer is replaced every
 //!   `FRAMES_PER_SEALER` frames (a new message: Head sealed into a scratch buffer),
 //!   so frame indexes stay small; that renewal is timed but is 1/1024 of the frames.
+//! - `seal_rustcrypto/<size>`: the same copy and in-place AES-256-GCM over header-sized
+//!   AAD with RustCrypto's `aes-gcm`, the crate the session frames used before issue 6
+//!   moved them to aws-lc; kept as the reference the choice was made against.
 //! - `open/<size>`: splitting and opening one sealed Data frame
 //!   (`FrameHeader::decode` + `MessageOpener::open`, decrypt in place). Each opener
 //!   has already opened its message's Head in the untimed setup; the frame bytes are
@@ -68,7 +71,7 @@ fn random_key() -> [u8; 32] {
 }
 
 fn frame_key() -> Arc<FrameKey> {
-    Arc::new(FrameKey::new(&random_key()))
+    Arc::new(FrameKey::new(&random_key()).expect("a 32-byte key"))
 }
 
 fn payload(size: usize) -> Vec<u8> {
@@ -99,6 +102,36 @@ fn sealer_after_head(
     scratch.clear();
     s.seal(FrameKind::Head, HEAD, scratch).expect("seal Head");
     s
+}
+
+fn bench_seal_rustcrypto(c: &mut Criterion) {
+    use aes_gcm::aead::{AeadInOut, KeyInit};
+    let cipher = aes_gcm::Aes256Gcm::new(&random_key().into());
+    let mut group = c.benchmark_group("seal_rustcrypto");
+    for (size, name) in SIZES {
+        let body = payload(size);
+        group.throughput(Throughput::Bytes(size as u64));
+        // A counter nonce, as in the frames: never reused within the benchmark.
+        let mut counter = 0u64;
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            let mut buf = BytesMut::with_capacity(HEADER_LEN + size + 16);
+            b.iter(|| {
+                counter += 1;
+                let mut nonce = [0u8; 12];
+                nonce[..8].copy_from_slice(&counter.to_be_bytes());
+                buf.clear();
+                buf.resize(HEADER_LEN, 0);
+                buf.extend_from_slice(black_box(&body));
+                let (aad, plain) = buf.split_at_mut(HEADER_LEN);
+                let tag = cipher
+                    .encrypt_inout_detached(&nonce.into(), aad, plain.into())
+                    .expect("seal");
+                buf.extend_from_slice(&tag);
+                black_box(&buf);
+            });
+        });
+    }
+    group.finish();
 }
 
 fn bench_seal(c: &mut Criterion) {
@@ -255,7 +288,8 @@ fn bench_session_cache(c: &mut Criterion) {
     let ids: Vec<Uuid> = rt.block_on(async {
         let mut ids = Vec::with_capacity(CACHED_SESSIONS);
         for _ in 0..CACHED_SESSIONS {
-            let s = Arc::new(Session::new(keys(), Role::Server, "orders", LIMITS));
+            let s =
+                Arc::new(Session::new(keys(), Role::Server, "orders", LIMITS).expect("session"));
             ids.push(s.id());
             server.insert(s.id(), s).await;
         }
@@ -285,7 +319,7 @@ fn bench_session_cache(c: &mut Criterion) {
     rt.block_on(async {
         client
             .get_or_handshake(&peer, || async {
-                Ok::<_, SessionError>(Session::new(keys(), Role::Client, "billing", LIMITS))
+                Session::new(keys(), Role::Client, "billing", LIMITS)
             })
             .await
             .unwrap();
@@ -368,7 +402,7 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_seal, bench_open, bench_seal_open, bench_handshake, bench_session_cache,
+    targets = bench_seal, bench_seal_rustcrypto, bench_open, bench_seal_open, bench_handshake, bench_session_cache,
         bench_limiter
 }
 criterion_main!(benches);

@@ -402,7 +402,7 @@ fn server_session() -> Arc<Session> {
     )
     .unwrap();
     c.finish(&reply).unwrap();
-    Arc::new(Session::new(keys, Role::Server, "orders", limits))
+    Arc::new(Session::new(keys, Role::Server, "orders", limits).unwrap())
 }
 
 #[tokio::test]

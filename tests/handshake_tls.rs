@@ -91,18 +91,14 @@ async fn keys_agree_over_mutual_tls_from_certs_init_output() {
         max_lifetime: Duration::from_secs(600),
         max_messages: 100,
     };
-    let client = Arc::new(seam::session::Session::new(
-        client_keys,
-        seam::session::Role::Client,
-        "billing",
-        limits,
-    ));
-    let server = Arc::new(seam::session::Session::new(
-        server_keys,
-        seam::session::Role::Server,
-        "orders",
-        limits,
-    ));
+    let client = Arc::new(
+        seam::session::Session::new(client_keys, seam::session::Role::Client, "billing", limits)
+            .unwrap(),
+    );
+    let server = Arc::new(
+        seam::session::Session::new(server_keys, seam::session::Role::Server, "orders", limits)
+            .unwrap(),
+    );
     let (mut sealer, _g) = client.begin_request().unwrap();
     let mut wire = bytes::BytesMut::new();
     sealer

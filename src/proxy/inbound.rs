@@ -174,16 +174,23 @@ impl Inbound {
                 );
             }
         };
+        let session = match Session::new(keys, Role::Server, caller.service(), self.limits) {
+            Ok(session) => Arc::new(session),
+            Err(e) => {
+                tracing::error!(event = "session_setup_failed", peer = %caller, error = %e, "session keys could not be set up");
+                return self.refuse(
+                    Failure::HandshakeFailed,
+                    &format!(
+                        "seam({}): session with {caller} not made: {e}",
+                        self.service
+                    ),
+                );
+            }
+        };
         self.sessions
             .stats()
             .handshakes_ok
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let session = Arc::new(Session::new(
-            keys,
-            Role::Server,
-            caller.service(),
-            self.limits,
-        ));
         self.sessions.insert(session.id(), session).await;
         Response::new(Either::Right(Either::Right(Full::new(
             Bytes::copy_from_slice(&reply.encode()),

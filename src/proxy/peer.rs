@@ -215,7 +215,7 @@ impl PeerPool {
         }
         let reply = ServerHello::decode(&body)?;
         let keys = state.finish(&reply)?;
-        Ok(Session::new(keys, Role::Client, service, limits))
+        Ok(Session::new(keys, Role::Client, service, limits)?)
     }
 
     /// The live connection of the next usable endpoint, connecting if needed.

@@ -98,6 +98,8 @@ pub enum SessionError {
     Ended(Uuid, EndReason),
     #[error("the session cache returned no session; retry the request")]
     Unavailable,
+    #[error(transparent)]
+    Keys(#[from] seal::SealError),
 }
 
 /// Per-session counters, readable without locks.
@@ -154,14 +156,19 @@ pub struct SessionInfo {
 
 impl Session {
     /// Wraps freshly derived keys; `peer` is the other side's service name.
-    pub fn new(keys: SessionKeys, role: Role, peer: &str, limits: SessionLimits) -> Self {
-        let c2s = Arc::new(FrameKey::new(&keys.client_to_server));
-        let s2c = Arc::new(FrameKey::new(&keys.server_to_client));
+    pub fn new(
+        keys: SessionKeys,
+        role: Role,
+        peer: &str,
+        limits: SessionLimits,
+    ) -> Result<Self, SessionError> {
+        let c2s = Arc::new(FrameKey::new(&keys.client_to_server)?);
+        let s2c = Arc::new(FrameKey::new(&keys.server_to_client)?);
         let (seal_key, open_key) = match role {
             Role::Client => (c2s, s2c),
             Role::Server => (s2c, c2s),
         };
-        Self {
+        Ok(Self {
             id: keys.session_id,
             peer: peer.to_owned(),
             role,
@@ -175,7 +182,7 @@ impl Session {
             last_used_ms: AtomicU64::new(0),
             counters: SessionCounters::default(),
             ended: OnceLock::new(),
-        }
+        })
     }
 
     pub fn id(&self) -> Uuid {
@@ -395,8 +402,8 @@ pub(crate) mod tests {
         .unwrap();
         let client_keys = c.finish(&reply).unwrap();
         (
-            Arc::new(Session::new(client_keys, Role::Client, "billing", limits)),
-            Arc::new(Session::new(server_keys, Role::Server, "orders", limits)),
+            Arc::new(Session::new(client_keys, Role::Client, "billing", limits).unwrap()),
+            Arc::new(Session::new(server_keys, Role::Server, "orders", limits).unwrap()),
         )
     }
 
