@@ -126,8 +126,8 @@ impl SealError {
 }
 
 /// One direction's AES-256-GCM key, in aws-lc: the implementation rustls already runs
-/// for the TLS records, whose stitched AES-GCM is about four times as fast on bulk data
-/// as RustCrypto's `aes-gcm` (see benches/RESULTS.md, issue 6); the frames are plain
+/// for the TLS records, whose stitched AES-GCM seals 16-64 KiB frames about 3.6 times as
+/// fast as RustCrypto's `aes-gcm` (see benches/RESULTS.md, issue 6); the frames are plain
 /// AES-256-GCM either way, which a unit test checks against `aes-gcm`. aws-lc keeps the
 /// key schedule in its own allocation and wipes it when the key is dropped
 /// (`OPENSSL_free` cleanses); the key is never printed.
