@@ -402,7 +402,7 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_seal, bench_seal_rustcrypto, bench_open, bench_seal_open, bench_handshake, bench_session_cache,
-        bench_limiter
+    targets = bench_seal, bench_seal_rustcrypto, bench_open, bench_seal_open, bench_handshake,
+        bench_session_cache, bench_limiter
 }
 criterion_main!(benches);

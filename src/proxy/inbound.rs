@@ -148,40 +148,37 @@ impl Inbound {
                 );
             }
         };
-        let result = ClientHello::decode(&body)
-            .and_then(|hello| respond(&hello, &caller.to_string(), &self.local.to_string()));
-        let (reply, keys) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.sessions
-                    .stats()
-                    .handshakes_failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A hello that does not check out and keys aws-lc will not take are both a
+        // failed handshake: counted, logged and refused the same way.
+        let made = ClientHello::decode(&body)
+            .and_then(|hello| respond(&hello, &caller.to_string(), &self.local.to_string()))
+            .map_err(|e| {
                 let why = match e {
                     HandshakeError::WrongLength { .. } | HandshakeError::UnsupportedVersion(_) => {
                         HandshakeFailure::BadHello
                     }
                     _ => HandshakeFailure::KeyAgreement,
                 };
+                (why, e.to_string())
+            })
+            .and_then(|(reply, keys)| {
+                Session::new(keys, Role::Server, caller.service(), self.limits)
+                    .map(|session| (reply, Arc::new(session)))
+                    .map_err(|e| (HandshakeFailure::KeyAgreement, e.to_string()))
+            });
+        let (reply, session) = match made {
+            Ok(made) => made,
+            Err((why, e)) => {
+                self.sessions
+                    .stats()
+                    .handshakes_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.stats.record_handshake_failure(why);
                 tracing::warn!(event = "handshake_failed", peer = %caller, reason = why.code(), error = %e, "handshake failed");
                 return self.refuse(
                     Failure::HandshakeFailed,
                     &format!(
                         "seam({}): handshake from {caller} rejected: {e}",
-                        self.service
-                    ),
-                );
-            }
-        };
-        let session = match Session::new(keys, Role::Server, caller.service(), self.limits) {
-            Ok(session) => Arc::new(session),
-            Err(e) => {
-                tracing::error!(event = "session_setup_failed", peer = %caller, error = %e, "session keys could not be set up");
-                return self.refuse(
-                    Failure::HandshakeFailed,
-                    &format!(
-                        "seam({}): session with {caller} not made: {e}",
                         self.service
                     ),
                 );
