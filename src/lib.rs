@@ -35,12 +35,15 @@ use tokio_util::sync::CancellationToken;
 
 use admin::Admin;
 use admin::stats::Stats;
-use admission::{Activity, Admission, Breach, Tracked};
+use admission::{Activity, Admission, Breach, InFlight, Tracked};
+use bytes::Bytes;
 use config::Config;
-use identity::{Identity, IdentityError, peer_identity};
+use http_body::Body as _;
+use identity::{Identity, IdentityError, SpiffeId, peer_identity};
 use proxy::Failure;
 use proxy::framing::FramingIo;
 use proxy::inbound::Inbound;
+use proxy::mesh::{MeshBody, Pump};
 use proxy::outbound::Outbound;
 use proxy::peer::PeerPool;
 use proxy::upstream::Upstream;
@@ -178,6 +181,7 @@ impl Sidecar {
                 },
             )));
         }
+        let inbound_stop = data_plane.clone();
         data_tasks.extend([tokio::spawn(accept_loop(
             inbound_listener,
             data_plane.clone(),
@@ -186,7 +190,10 @@ impl Sidecar {
                 serve_inbound(
                     tcp,
                     remote,
-                    watcher,
+                    Shutdown {
+                        stop: inbound_stop.clone(),
+                        _drain: watcher,
+                    },
                     acceptor.clone(),
                     trust_domain.clone(),
                     inbound.clone(),
@@ -429,7 +436,7 @@ async fn serve_outbound(
         let pinned = pinned.clone();
         let guard = tracker.begin();
         let verdict = verdicts.next();
-        // Boxed: the handler's state is large (about 11 KB), and hyper moves an unboxed
+        // Boxed: the handler's state is kilobytes, and hyper moves an unboxed
         // one several times while spawning the stream's task.
         Box::pin(async move {
             let resp = match verdict {
@@ -479,10 +486,17 @@ async fn serve_outbound(
     }
 }
 
+/// How an inbound connection learns of shutdown (`stop`: send GOAWAY and finish the open
+/// streams) and holds it back until they are done (`_drain`, kept alive until then).
+struct Shutdown {
+    stop: CancellationToken,
+    _drain: Watcher,
+}
+
 async fn serve_inbound(
     tcp: TcpStream,
     remote: SocketAddr,
-    watcher: Watcher,
+    shutdown: Shutdown,
     acceptor: TlsAcceptor,
     trust_domain: Arc<str>,
     inbound: Arc<Inbound>,
@@ -512,60 +526,123 @@ async fn serve_inbound(
         }
     };
     let limits = &admission.limits;
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder.timer(TokioTimer::new());
+    let mut builder = h2::server::Builder::new();
     proxy::h2_tuning::server(&mut builder);
     builder
         .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let activity = Arc::new(Activity::default());
-    let tracker = activity.clone();
     // Failed messages on this connection; past the threshold the peer is cut off, so
     // a broken or hostile peer cannot keep the seam decrypting garbage.
-    let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let cut_off = CancellationToken::new();
-    let threshold = limits.peer_failures;
-    let svc = {
-        let failures = failures.clone();
-        let cut_off = cut_off.clone();
-        service_fn(move |req| {
-            let inbound = inbound.clone();
-            let caller = caller.clone();
-            let failures = failures.clone();
-            let cut_off = cut_off.clone();
-            let guard = tracker.begin();
-            // Boxed for the same reason as on the outbound side.
-            Box::pin(async move {
-                let resp = inbound.handle(req, caller).await?;
-                if proxy::inbound::is_peer_failure(&resp)
-                    && failures.fetch_add(1, Ordering::Relaxed) + 1 >= threshold
-                {
-                    cut_off.cancel();
+    let stream_ctx = Arc::new(InboundStreams {
+        inbound,
+        caller,
+        failures: std::sync::atomic::AtomicU32::new(0),
+        cut_off: CancellationToken::new(),
+        threshold: limits.peer_failures,
+    });
+    let serve = async {
+        let mut conn = match builder.handshake::<_, Bytes>(tls).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "HTTP/2 handshake with a peer seam failed");
+                return;
+            }
+        };
+        // On shutdown: GOAWAY, then serve the streams already open until they finish.
+        let mut draining = false;
+        loop {
+            let accepted = tokio::select! {
+                accepted = conn.accept() => accepted,
+                _ = shutdown.stop.cancelled(), if !draining => {
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
                 }
-                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
-            })
-        })
-    };
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    tokio::select! {
-        r = watcher.watch(conn) => {
-            if let Err(e) = r {
-                tracing::debug!(%remote, error = %e, "inbound connection ended with an error");
+            };
+            match accepted {
+                Some(Ok((req, respond))) => {
+                    let in_flight = activity.begin();
+                    tokio::spawn(stream_ctx.clone().serve(req, respond, in_flight));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "inbound connection ended with an error");
+                    break;
+                }
+                None => break,
             }
         }
+    };
+    tokio::select! {
+        _ = serve => {}
         _ = activity.idle(limits.idle_timeout) => {
             admission.breach(Breach::Idle, "closed an idle inbound connection");
         }
-        _ = cut_off.cancelled() => {
+        _ = stream_ctx.cut_off.cancelled() => {
             admission.breach(
                 Breach::PeerFailures,
                 &format!(
                     "{remote} sent {} failed messages on one connection; closed it \
                      (limits.peer_failures)",
-                    failures.load(Ordering::Relaxed)
+                    stream_ctx.failures.load(Ordering::Relaxed)
                 ),
             );
         }
+    }
+    // Held until here so that shutdown waits for this connection's streams.
+    drop(shutdown);
+}
+
+/// What every stream of one inbound connection shares: who the caller is, and how its
+/// failures and activity are counted.
+struct InboundStreams {
+    inbound: Arc<Inbound>,
+    caller: Arc<SpiffeId>,
+    failures: std::sync::atomic::AtomicU32,
+    cut_off: CancellationToken,
+    threshold: u32,
+}
+
+impl InboundStreams {
+    /// Serves one stream: the handler's response, then its body, taken from the app as
+    /// HTTP/2 has room for it.
+    async fn serve(
+        self: Arc<Self>,
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        in_flight: InFlight,
+    ) {
+        let handled = self
+            .inbound
+            .clone()
+            .handle(req.map(MeshBody::new), self.caller.clone());
+        // The calling seam resets the stream when its app gives up: stop working for it,
+        // which also drops the request to the app.
+        let resp = tokio::select! {
+            resp = handled => match resp {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            },
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+        };
+        if proxy::inbound::is_peer_failure(&resp)
+            && self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.threshold
+        {
+            self.cut_off.cancel();
+        }
+        let (parts, body) = resp.into_parts();
+        let end = body.is_end_stream();
+        let stream = match respond.send_response(http::Response::from_parts(parts, ()), end) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "the response to a peer seam could not be sent");
+                return;
+            }
+        };
+        if !end && let Err(e) = Pump::new(stream, body).await {
+            tracing::debug!(error = %e, "sending a response body to a peer seam stopped");
+        }
+        drop(in_flight);
     }
 }
 

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::body::{OpenedBody, SealedBody};
 use super::head::{RequestHead, ResponseHead};
 use super::headers::{SEAM_ERROR, SEAM_SESSION, header_value, request_authority, strip_hop_by_hop};
+use super::mesh::MeshBody;
 use super::upstream::{Upstream, UpstreamBody};
 use super::{Failure, HANDSHAKE_PATH, MESSAGE_PATH, SEAM_PATH_PREFIX, failure_response};
 use crate::admin::stats::{Direction, HandshakeFailure, Stats};
@@ -109,7 +110,7 @@ impl Inbound {
     /// Serves one request from the authenticated `caller`.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<MeshBody>,
         caller: Arc<SpiffeId>,
     ) -> Result<Response<InboundBody>, Infallible> {
         let resp = match (req.method(), req.uri().path()) {
@@ -132,7 +133,7 @@ impl Inbound {
         Ok(resp)
     }
 
-    async fn handshake(&self, req: Request<Incoming>, caller: &SpiffeId) -> Response<InboundBody> {
+    async fn handshake(&self, req: Request<MeshBody>, caller: &SpiffeId) -> Response<InboundBody> {
         let body = match Limited::new(req.into_body(), CLIENT_HELLO_LEN * 2)
             .collect()
             .await
@@ -194,7 +195,7 @@ impl Inbound {
         ))))
     }
 
-    async fn message(&self, req: Request<Incoming>, caller: &SpiffeId) -> Response<InboundBody> {
+    async fn message(&self, req: Request<MeshBody>, caller: &SpiffeId) -> Response<InboundBody> {
         let started = tokio::time::Instant::now();
         let resp = self.open_and_forward(req, caller).await;
         self.stats
@@ -204,7 +205,7 @@ impl Inbound {
 
     async fn open_and_forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<MeshBody>,
         caller: &SpiffeId,
     ) -> Response<InboundBody> {
         let started = tokio::time::Instant::now();
@@ -347,7 +348,7 @@ impl Inbound {
 
     /// A plain request from a caller that verified with a mesh certificate but speaks no
     /// seam sessions: rate limited like any caller, then handed to the app as it came.
-    async fn plain(&self, req: Request<Incoming>, caller: &SpiffeId) -> Response<InboundBody> {
+    async fn plain(&self, req: Request<MeshBody>, caller: &SpiffeId) -> Response<InboundBody> {
         let started = tokio::time::Instant::now();
         if let Some(refusal) = self.over_quota(caller) {
             return refusal;

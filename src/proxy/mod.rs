@@ -6,6 +6,7 @@ pub mod framing;
 pub mod head;
 pub mod headers;
 pub mod inbound;
+pub mod mesh;
 pub mod outbound;
 pub mod peer;
 pub mod upstream;
@@ -123,10 +124,9 @@ pub fn failure_response(failure: Failure, message: &str) -> Response<Full<Bytes>
     resp
 }
 
-/// HTTP/2 settings shared by both ends of the mesh hop. Large windows let a 1 MiB
+/// HTTP/2 settings shared by both ends of the mesh hop (and the h2c app client). Large windows let a 1 MiB
 /// body cross in one round trip instead of stalling on the 64 KiB default.
 pub mod h2_tuning {
-    use hyper_util::rt::TokioExecutor;
 
     use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
@@ -141,9 +141,9 @@ pub mod h2_tuning {
     /// comes instead of joining frames split across two.
     pub const MAX_FRAME: u32 = (MAX_PAYLOAD + HEADER_LEN + TAG_LEN) as u32;
 
-    /// Below this many queued bytes HTTP/2 takes more from a stream's body (hyper's
-    /// default is 400 KiB on servers, 1 MiB on clients). hyper polls the body for its
-    /// next frame before it waits for room, so a stream holds one frame queued and one
+    /// Below this many queued bytes HTTP/2 takes more from a stream's body (h2's
+    /// default is 400 KiB). [`super::mesh::Pump`], like hyper, polls the body for its
+    /// next frame once there is any room, so a stream holds one frame queued and one
     /// in hand; below one frame's size this stops a third. Memory per stream stays at
     /// two frames however many streams share the connection, and a slow reader holds
     /// back only its own stream.
@@ -159,22 +159,20 @@ pub mod h2_tuning {
     /// closed, counted over the connection's life; under load-generator churn (clients
     /// hanging up mid-download, again and again) that ended the shared mesh connection
     /// and failed every request on it. seam's own `limits.peer_failures` judges peers.
-    pub fn client(b: &mut hyper::client::conn::http2::Builder<TokioExecutor>) {
-        b.initial_stream_window_size(STREAM_WINDOW)
+    pub fn client(b: &mut h2::client::Builder) {
+        b.initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .adaptive_window(false)
-            .max_send_buf_size(SEND_BUFFER)
+            .max_send_buffer_size(SEND_BUFFER)
             .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
             .max_local_error_reset_streams(None);
     }
 
-    pub fn server(b: &mut hyper::server::conn::http2::Builder<TokioExecutor>) {
-        b.initial_stream_window_size(STREAM_WINDOW)
+    pub fn server(b: &mut h2::server::Builder) {
+        b.initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_send_buf_size(SEND_BUFFER)
-            .adaptive_window(false);
+            .max_send_buffer_size(SEND_BUFFER);
     }
 
     pub fn legacy_client(b: &mut hyper_util::client::legacy::Builder) {

@@ -19,13 +19,14 @@ use super::headers::{
     SEAM_ERROR, SEAM_SESSION, request_authority, strip_hop_by_hop, strip_seam_headers,
     target_service,
 };
+use super::mesh::MeshBody;
 use super::peer::{AppBody, PeerError, PeerPool};
 use super::{Failure, KEEP_LIMIT, MESSAGE_PATH, failure_response};
 use crate::admin::stats::{Direction, HandshakeFailure, Stats};
 use crate::session::seal::MAX_PAYLOAD;
 use crate::session::{Session, SessionCache, SessionLimits};
 
-pub type OutboundBody = Either<OpenedBody<Incoming>, Full<Bytes>>;
+pub type OutboundBody = Either<OpenedBody<MeshBody>, Full<Bytes>>;
 
 pub struct Outbound {
     service: String,
@@ -314,7 +315,7 @@ impl Outbound {
     async fn open_response(
         &self,
         service: &str,
-        resp: Response<Incoming>,
+        resp: Response<MeshBody>,
         session: &Arc<Session>,
         seq: u64,
     ) -> Response<OutboundBody> {
@@ -413,7 +414,7 @@ fn declared_length(req: &Request<Incoming>) -> Option<u64> {
 }
 
 /// A peer seam's own refusal (429) goes to the app as it came.
-async fn passthrough(resp: Response<Incoming>) -> Response<OutboundBody> {
+async fn passthrough(resp: Response<MeshBody>) -> Response<OutboundBody> {
     let (parts, body) = resp.into_parts();
     let bytes = Limited::new(body, 4096)
         .collect()
@@ -423,7 +424,7 @@ async fn passthrough(resp: Response<Incoming>) -> Response<OutboundBody> {
     Response::from_parts(parts, Either::Right(Full::new(bytes)))
 }
 
-async fn read_text(resp: Response<Incoming>) -> String {
+async fn read_text(resp: Response<MeshBody>) -> String {
     let bytes = Limited::new(resp.into_body(), 1024)
         .collect()
         .await

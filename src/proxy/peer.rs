@@ -7,16 +7,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::client::SendRequest;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -24,6 +24,7 @@ use tokio_rustls::TlsConnector;
 
 use super::body::{CappedBody, KeptBody, SealedBody};
 use super::headers::SEAM_ERROR;
+use super::mesh::{MeshBody, Pump};
 use super::{HANDSHAKE_PATH, h2_tuning};
 use crate::handshake::{ClientHandshake, HandshakeError, ServerHello};
 use crate::identity::{Identity, IdentityError, SpiffeId};
@@ -45,7 +46,7 @@ pub enum PeerError {
     Request {
         peer: String,
         addr: SocketAddr,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("session handshake with {peer} failed: {reason}")]
     Handshake { peer: String, reason: String },
@@ -63,6 +64,8 @@ pub struct PeerPool {
 
 struct Peer {
     id: SpiffeId,
+    /// `<service>.<trust domain>`, the authority of every request to this peer.
+    authority: Authority,
     connector: TlsConnector,
     server_name: ServerName<'static>,
     endpoints: Vec<Endpoint>,
@@ -71,8 +74,16 @@ struct Peer {
 
 struct Endpoint {
     addr: SocketAddr,
-    conn: tokio::sync::Mutex<Option<SendRequest<PeerBody>>>,
+    conn: tokio::sync::Mutex<Option<MeshConn>>,
     down_until: Mutex<Option<Instant>>,
+}
+
+/// One endpoint's HTTP/2 connection: the handle requests are opened on, and whether the
+/// task driving the connection has ended.
+#[derive(Clone)]
+struct MeshConn {
+    send: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 impl PeerPool {
@@ -85,7 +96,14 @@ impl PeerPool {
         let mut map = HashMap::new();
         for (name, addrs) in peers {
             let id = SpiffeId::new(local.trust_domain(), name)?;
+            let authority = format!("{}.{}", id.service(), id.trust_domain())
+                .parse()
+                .map_err(|_| IdentityError::InvalidSpiffeId {
+                    uri: id.to_string(),
+                    reason: "its service and trust domain do not make a valid URI authority",
+                })?;
             let peer = Peer {
+                authority,
                 connector: TlsConnector::from(identity.client_config(name)?),
                 server_name: id.server_name()?,
                 id,
@@ -113,12 +131,12 @@ impl PeerPool {
     }
 
     /// Sends `req` to one endpoint of `service`. A request that never left (the
-    /// pooled connection had closed) is sent again on a fresh connection.
+    /// pooled connection had closed or was closing) is sent again on a fresh connection.
     pub async fn send(
         &self,
         service: &str,
-        mut req: Request<PeerBody>,
-    ) -> Result<Response<Incoming>, PeerError> {
+        req: Request<PeerBody>,
+    ) -> Result<Response<MeshBody>, PeerError> {
         let peer = self
             .peers
             .get(service)
@@ -126,40 +144,46 @@ impl PeerPool {
                 peer: service.to_owned(),
                 attempts: "not a configured peer".into(),
             })?;
-        let uri = Uri::builder()
-            .scheme("https")
-            .authority(format!("{}.{}", peer.id.service(), peer.id.trust_domain()))
-            .path_and_query(req.uri().path_and_query().map_or("/", |p| p.as_str()))
-            .build()
-            .map_err(|e| PeerError::Handshake {
-                peer: service.to_owned(),
-                reason: e.to_string(),
-            })?;
-        *req.uri_mut() = uri;
+        let (parts, body) = req.into_parts();
+        let mut uri = Uri::builder()
+            .scheme(Scheme::HTTPS)
+            .authority(peer.authority.clone());
+        if let Some(path) = parts.uri.path_and_query() {
+            uri = uri.path_and_query(path.clone());
+        }
+        let uri = uri.build().map_err(|e| PeerError::Handshake {
+            peer: service.to_owned(),
+            reason: e.to_string(),
+        })?;
         let mut last_error = None;
         for _ in 0..=peer.endpoints.len() {
-            let (endpoint, mut conn) = self.connection(service, peer).await?;
-            match conn.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => {
-                    let message = e.take_message();
-                    let source = e.into_error();
-                    match message {
-                        Some(unsent) => {
-                            endpoint.conn.lock().await.take();
-                            req = unsent;
-                            last_error = Some((endpoint.addr, source));
-                        }
-                        None => {
-                            return Err(PeerError::Request {
-                                peer: service.to_owned(),
-                                addr: endpoint.addr,
-                                source,
-                            });
-                        }
-                    }
+            let (endpoint, conn) = self.connection(service, peer).await?;
+            let mut head = Request::new(());
+            *head.method_mut() = parts.method.clone();
+            *head.uri_mut() = uri.clone();
+            *head.headers_mut() = parts.headers.clone();
+            // Both fail only before a stream exists: nothing of the request has left.
+            let opened = match conn.send.ready().await {
+                Ok(mut ready) => ready.send_request(head, false),
+                Err(e) => Err(e),
+            };
+            let (response, stream) = match opened {
+                Ok(opened) => opened,
+                Err(source) => {
+                    endpoint.conn.lock().await.take();
+                    last_error = Some((endpoint.addr, source));
+                    continue;
                 }
-            }
+            };
+            Pump::new(stream, body).run_or_spawn().await;
+            return match response.await {
+                Ok(resp) => Ok(resp.map(MeshBody::new)),
+                Err(source) => Err(PeerError::Request {
+                    peer: service.to_owned(),
+                    addr: endpoint.addr,
+                    source,
+                }),
+            };
         }
         Err(match last_error {
             Some((addr, source)) => PeerError::Request {
@@ -223,7 +247,7 @@ impl PeerPool {
         &self,
         service: &str,
         peer: &'p Peer,
-    ) -> Result<(&'p Endpoint, SendRequest<PeerBody>), PeerError> {
+    ) -> Result<(&'p Endpoint, MeshConn), PeerError> {
         let n = peer.endpoints.len();
         let start = peer.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
@@ -241,11 +265,13 @@ impl PeerPool {
         for endpoint in order {
             let mut slot = endpoint.conn.lock().await;
             if let Some(conn) = slot.as_ref()
-                && !conn.is_closed()
+                && !conn.closed.load(Ordering::Acquire)
             {
                 return Ok((endpoint, conn.clone()));
             }
-            match self.connect(peer, endpoint.addr).await {
+            // Boxed: connecting is rare and its state is kilobytes, which every
+            // request's future would otherwise carry.
+            match Box::pin(self.connect(peer, endpoint.addr)).await {
                 Ok(conn) => {
                     *endpoint
                         .down_until
@@ -272,11 +298,7 @@ impl PeerPool {
         })
     }
 
-    async fn connect(
-        &self,
-        peer: &Peer,
-        addr: SocketAddr,
-    ) -> Result<SendRequest<PeerBody>, String> {
+    async fn connect(&self, peer: &Peer, addr: SocketAddr) -> Result<MeshConn, String> {
         let attempt = async {
             let tcp = TcpStream::connect(addr)
                 .await
@@ -288,20 +310,21 @@ impl PeerPool {
                 .connect(peer.server_name.clone(), tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder.timer(TokioTimer::new());
+            let mut builder = h2::client::Builder::new();
             h2_tuning::client(&mut builder);
             let (send, conn) = builder
-                .handshake(TokioIo::new(tls))
+                .handshake(tls)
                 .await
                 .map_err(|e| format!("HTTP/2: {e}"))?;
-            let addr_for_log = addr;
+            let closed = Arc::new(AtomicBool::new(false));
+            let closed_by_driver = closed.clone();
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(addr = %addr_for_log, error = %e, "peer connection closed");
+                    tracing::debug!(%addr, error = %e, "peer connection closed");
                 }
+                closed_by_driver.store(true, Ordering::Release);
             });
-            Ok(send)
+            Ok(MeshConn { send, closed })
         };
         match timeout(self.connect_timeout, attempt).await {
             Ok(result) => result,

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::body::OpenedBody;
 use super::head::RequestHead;
 use super::headers::{SEAM_CALLER, header_value, strip_hop_by_hop, strip_seam_headers};
+use super::mesh::MeshBody;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 
 /// hyper's read buffer limit for an HTTP/1.1 app connection, which also caps the app's
@@ -25,7 +26,7 @@ use crate::config::{UpstreamConfig, UpstreamProtocol};
 const APP_READ_BUFFER: usize = 32 * 1024;
 
 /// An opened sealed body, or a plain one from a non-seam caller (`interop.plain_mtls`).
-pub type UpstreamBody = Either<OpenedBody<Incoming>, Incoming>;
+pub type UpstreamBody = Either<OpenedBody<MeshBody>, MeshBody>;
 
 pub struct Upstream {
     client: Client<HttpConnector, UpstreamBody>,

@@ -209,6 +209,22 @@ where
             session.touch();
             return Ok(session);
         }
+        // Boxed: the handshake's state is kilobytes, and keeping it out of this future
+        // keeps every request's future that small (one copy of it per request).
+        Box::pin(self.handshake_into_cache(key, handshake)).await
+    }
+
+    /// The slow path of [`Self::get_or_handshake`]: one handshake per key at a time.
+    async fn handshake_into_cache<F, Fut, E>(
+        &self,
+        key: &K,
+        handshake: F,
+    ) -> Result<Arc<Session>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Session, E>>,
+        E: From<SessionError> + Send + Sync + 'static,
+    {
         let stats = self.stats.clone();
         let outcome = self
             .cache

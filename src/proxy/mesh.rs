@@ -1,0 +1,198 @@
+//! The mesh hop's HTTP/2, driven through the h2 crate directly (DESIGN §1).
+//!
+//! Both ends of this hop are seams, so seam needs none of what hyper adds on top of h2
+//! for arbitrary peers, and hyper's per-request machinery was a measurable share of a
+//! small request's cost (benches/RESULTS.md): its client passes every request through a
+//! channel to the connection task and spawns a task per request to send the body. Here
+//! the handler itself sends the head and, when the body is ready at once (every kept
+//! request, every handshake), the whole body; only a body still streaming from the app
+//! goes on in a task of its own.
+//!
+//! [`MeshBody`] is a received stream as an HTTP body; [`Pump`] sends a body on a stream,
+//! taking each frame from the body only when HTTP/2 has room for it, so a slow reader
+//! holds back its own stream and nothing is buffered ahead of it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http_body::{Body, Frame, SizeHint};
+
+use super::body::BoxError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("the peer seam reset the stream ({0}); the request was abandoned on its side")]
+    Reset(h2::Reason),
+    #[error("the mesh connection failed while sending: {0}")]
+    Send(#[from] h2::Error),
+    #[error("the mesh connection closed before the body was sent")]
+    Closed,
+    #[error("reading the body to send failed: {0}")]
+    Body(BoxError),
+}
+
+/// A stream received on the mesh connection, read as an HTTP body. Each chunk handed
+/// on is given back to the sender's flow-control window at once: the sealed frames are
+/// opened and passed along as they come, so holding window back would only stall them.
+pub struct MeshBody {
+    recv: RecvStream,
+    data_done: bool,
+    finished: bool,
+}
+
+impl MeshBody {
+    pub fn new(recv: RecvStream) -> Self {
+        Self {
+            finished: recv.is_end_stream(),
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for MeshBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Fails only once the stream is gone, which the next poll reports.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => this.data_done = true,
+            }
+        }
+        this.finished = true;
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished || self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// Sends a body on an HTTP/2 stream, then ends the stream. A frame is taken from the
+/// body only once the stream has room, and the stream is reset when the body fails, so
+/// the peer sees a cut message, never a short one. It stops when the peer resets the
+/// stream (the requester behind it hung up), dropping the body and what it holds.
+pub struct Pump<B> {
+    stream: SendStream<Bytes>,
+    body: B,
+}
+
+impl<B> Pump<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(stream: SendStream<Bytes>, body: B) -> Self {
+        Self { stream, body }
+    }
+
+    /// Sends what the body has ready now; a body that finishes at once is sent whole
+    /// without a task of its own. What is left goes on in a spawned task, and failures
+    /// there are the receiver's to see (a reset or cut stream).
+    pub async fn run_or_spawn(mut self)
+    where
+        B: Send + 'static,
+    {
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut self).poll(cx))).await;
+        match first {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "sending a body to the peer seam stopped")
+            }
+            Poll::Pending => {
+                tokio::spawn(async move {
+                    if let Err(e) = self.await {
+                        tracing::debug!(error = %e, "sending a body to the peer seam stopped");
+                    }
+                });
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), MeshError> {
+        self.stream.send_data(Bytes::new(), true)?;
+        Ok(())
+    }
+}
+
+impl<B> Future for Pump<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<(), MeshError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(reset) = this.stream.poll_reset(cx) {
+                return Poll::Ready(Err(match reset {
+                    Ok(reason) => MeshError::Reset(reason),
+                    Err(e) => MeshError::Send(e),
+                }));
+            }
+            if this.body.is_end_stream() {
+                return Poll::Ready(this.finish());
+            }
+            if this.stream.capacity() == 0 {
+                this.stream.reserve_capacity(1);
+                match ready!(this.stream.poll_capacity(cx)) {
+                    Some(Ok(0)) => continue,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                    None => return Poll::Ready(Err(MeshError::Closed)),
+                }
+            }
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = this.body.is_end_stream();
+                        this.stream.send_data(data, end)?;
+                        if end {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            this.stream.send_trailers(trailers)?;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    this.stream.send_reset(h2::Reason::INTERNAL_ERROR);
+                    return Poll::Ready(Err(MeshError::Body(e.into())));
+                }
+                None => return Poll::Ready(this.finish()),
+            }
+        }
+    }
+}
