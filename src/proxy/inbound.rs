@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
 use tokio::time::timeout;
 use uuid::Uuid;
 
@@ -20,7 +19,7 @@ use super::body::{OpenedBody, SealedBody};
 use super::head::{RequestHead, ResponseHead};
 use super::headers::{SEAM_ERROR, SEAM_SESSION, header_value, request_authority, strip_hop_by_hop};
 use super::mesh::MeshBody;
-use super::upstream::{Upstream, UpstreamBody};
+use super::upstream::{AppReply, Upstream, UpstreamBody};
 use super::{Failure, HANDSHAKE_PATH, MESSAGE_PATH, SEAM_PATH_PREFIX, failure_response};
 use crate::admin::stats::{Direction, HandshakeFailure, Stats};
 use crate::admission::{Admission, Breach};
@@ -30,7 +29,7 @@ use crate::ratelimit::CallerLimiter;
 use crate::session::seal::MAX_PAYLOAD;
 use crate::session::{Role, Session, SessionCache, SessionLimits};
 
-pub type UpstreamReply = Either<Incoming, Full<Bytes>>;
+pub type UpstreamReply = Either<AppReply, Full<Bytes>>;
 /// A sealed reply to a seam, or a plain one: the app's own answer to a plain mTLS caller,
 /// or seam's refusal.
 pub type InboundBody = Either<SealedBody<UpstreamReply>, UpstreamReply>;
@@ -377,7 +376,7 @@ impl Inbound {
         head: RequestHead,
         body: UpstreamBody,
         caller: &SpiffeId,
-    ) -> Result<Response<Incoming>, (Failure, String)> {
+    ) -> Result<Response<AppReply>, (Failure, String)> {
         match timeout(
             self.request_timeout,
             self.upstream.send(head, body, caller.service()),

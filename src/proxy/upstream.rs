@@ -1,14 +1,29 @@
-//! The pooled client to the local app (HTTP/1.1 or h2c, per `upstream_protocol`).
+//! The client to the local app (HTTP/1.1 or h2c, per `upstream_protocol`).
+//!
+//! HTTP/1.1 apps get seam's own small connection pool: idle connections wait in a stack
+//! and each goes back when its response body has been read to the end. hyper-util's
+//! general pool cost a hashed key lookup, two pool operations and a spawned task for
+//! every request (benches/RESULTS.md); seam has one app at one address and needs none
+//! of that. h2c apps share one multiplexed connection through hyper-util's client.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
 
 use super::body::OpenedBody;
 use super::head::RequestHead;
@@ -25,13 +40,22 @@ use crate::config::{UpstreamConfig, UpstreamProtocol};
 /// memory there, for no fewer CPU cycles per request (benches/RESULTS.md).
 const APP_READ_BUFFER: usize = 32 * 1024;
 
+/// Idle HTTP/1.1 connections kept for reuse; more than this many at once are closed
+/// when their response ends. The app's own keep-alive timeout closes idle ones sooner.
+const MAX_IDLE: usize = 256;
+
 /// An opened sealed body, or a plain one from a non-seam caller (`interop.plain_mtls`).
 pub type UpstreamBody = Either<OpenedBody<MeshBody>, MeshBody>;
 
 pub struct Upstream {
-    client: Client<HttpConnector, UpstreamBody>,
+    client: AppClient,
     url: Uri,
     protocol: UpstreamProtocol,
+}
+
+enum AppClient {
+    Http1(Arc<Http1Pool>),
+    H2c(Box<Client<HttpConnector, UpstreamBody>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,24 +64,57 @@ pub enum UpstreamError {
     Build(#[from] http::Error),
     #[error("{0}")]
     Send(#[from] hyper_util::client::legacy::Error),
+    #[error("connecting to the app failed: {0}; is it running and listening there?")]
+    Connect(std::io::Error),
+    #[error("connecting to the app timed out after {0:?}; is it running and listening there?")]
+    ConnectTimeout(Duration),
+    #[error("the app's connection failed: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// The HTTP/1.1 connections to the app: idle ones on a stack, the most recently used on
+/// top (its buffers are the likeliest to be warm).
+struct Http1Pool {
+    /// `host:port` of the app.
+    addr: String,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+}
+
+/// The app's response body. An HTTP/1.1 connection goes back to the pool when this body
+/// has been read to its end; dropped before that, the connection closes with it.
+pub struct AppReply {
+    inner: Incoming,
+    give_back: Option<(http1::SendRequest<UpstreamBody>, Arc<Http1Pool>)>,
 }
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig, connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http1_max_buf_size(APP_READ_BUFFER);
-        if config.protocol == UpstreamProtocol::H2c {
-            builder.http2_only(true);
-            super::h2_tuning::legacy_client(&mut builder);
-        }
+        let client = match config.protocol {
+            UpstreamProtocol::Http1 => {
+                let host = config.url.host().unwrap_or("127.0.0.1");
+                let port = config.url.port_u16().unwrap_or(80);
+                AppClient::Http1(Arc::new(Http1Pool {
+                    addr: format!("{host}:{port}"),
+                    connect_timeout,
+                    idle: Mutex::new(Vec::new()),
+                }))
+            }
+            UpstreamProtocol::H2c => {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(connect_timeout));
+                connector.set_nodelay(true);
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .http2_only(true);
+                super::h2_tuning::legacy_client(&mut builder);
+                AppClient::H2c(Box::new(builder.build(connector)))
+            }
+        };
         Self {
-            client: builder.build(connector),
+            client,
             url: config.url.clone(),
             protocol: config.protocol,
         }
@@ -73,13 +130,18 @@ impl Upstream {
         head: RequestHead,
         body: UpstreamBody,
         caller: &str,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut uri = self.url.clone().into_parts();
-        uri.path_and_query = Some(head.path_and_query.parse().map_err(http::Error::from)?);
-        let mut req = Request::builder()
-            .method(head.method)
-            .uri(Uri::from_parts(uri).map_err(http::Error::from)?)
-            .body(body)?;
+    ) -> Result<Response<AppReply>, UpstreamError> {
+        let path: PathAndQuery = head.path_and_query.parse().map_err(http::Error::from)?;
+        let uri = match self.protocol {
+            // HTTP/1.1 sends the origin form; the authority goes in Host.
+            UpstreamProtocol::Http1 => Uri::from(path),
+            UpstreamProtocol::H2c => {
+                let mut uri = self.url.clone().into_parts();
+                uri.path_and_query = Some(path);
+                Uri::from_parts(uri).map_err(http::Error::from)?
+            }
+        };
+        let mut req = Request::builder().method(head.method).uri(uri).body(body)?;
         let headers = req.headers_mut();
         *headers = head.headers;
         // The sending seam already cleaned the head; doing it again here means a
@@ -87,17 +149,150 @@ impl Upstream {
         strip_hop_by_hop(headers);
         strip_seam_headers(headers);
         headers.insert(SEAM_CALLER, header_value(caller));
-        match self.protocol {
-            UpstreamProtocol::Http1 if !head.authority.is_empty() => {
-                if let Ok(v) = HeaderValue::from_str(&head.authority) {
-                    headers.insert(header::HOST, v);
+        match &self.client {
+            AppClient::Http1(pool) => {
+                let host = HeaderValue::from_str(&head.authority)
+                    .ok()
+                    .filter(|_| !head.authority.is_empty())
+                    .or_else(|| {
+                        self.url
+                            .authority()
+                            .map(Authority::as_str)
+                            .and_then(|a| HeaderValue::from_str(a).ok())
+                    });
+                if let Some(host) = host {
+                    headers.insert(header::HOST, host);
                 }
+                pool.send(req).await
             }
             // HTTP/2 carries the authority in the URI; a Host header would conflict.
-            _ => {
+            AppClient::H2c(client) => {
                 headers.remove(header::HOST);
+                let resp = client.request(req).await?;
+                Ok(resp.map(|inner| AppReply {
+                    inner,
+                    give_back: None,
+                }))
             }
         }
-        Ok(self.client.request(req).await?)
+    }
+}
+
+impl Http1Pool {
+    /// Sends on an idle connection, or a new one. A request that an idle connection
+    /// could not take (the app had just closed it) goes on the next, or a new one.
+    async fn send(
+        self: &Arc<Self>,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<AppReply>, UpstreamError> {
+        let mut req = req;
+        while let Some(mut sender) = self.idle_connection() {
+            // Ready at once unless the app is closing it.
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.reply(resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        let resp = sender.send_request(req).await?;
+        Ok(self.reply(resp, sender))
+    }
+
+    /// The most recently returned connection that is still open.
+    fn idle_connection(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        let tcp = timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
+            .map_err(UpstreamError::Connect)?;
+        tcp.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(APP_READ_BUFFER)
+            .handshake(TokioIo::new(tcp))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "app connection closed with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn reply(
+        self: &Arc<Self>,
+        resp: Response<Incoming>,
+        sender: http1::SendRequest<UpstreamBody>,
+    ) -> Response<AppReply> {
+        resp.map(|inner| {
+            let mut reply = AppReply {
+                inner,
+                give_back: Some((sender, self.clone())),
+            };
+            reply.give_back_if_done();
+            reply
+        })
+    }
+
+    fn put_back(&self, sender: http1::SendRequest<UpstreamBody>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+}
+
+impl AppReply {
+    fn give_back_if_done(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some((sender, pool)) = self.give_back.take()
+        {
+            pool.put_back(sender);
+        }
+    }
+}
+
+impl Body for AppReply {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            None => {
+                if let Some((sender, pool)) = self.give_back.take() {
+                    pool.put_back(sender);
+                }
+            }
+            Some(Ok(_)) => self.give_back_if_done(),
+            // The connection is broken: dropping its sender closes it.
+            Some(Err(_)) => self.give_back = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

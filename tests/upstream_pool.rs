@@ -1,0 +1,118 @@
+//! seam's own pool of HTTP/1.1 connections to the app: connections are reused once a
+//! response has been read, and an app that closes its connections still gets every
+//! request. The app here is raw TCP, so the test sees each connection it accepts.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An HTTP/1.1 app that numbers the connections that bring it requests and answers
+/// every request (all of them GETs without a body) with its connection's number. With
+/// `close`, it says `Connection: close` and hangs up after each answer. (seam's upstream
+/// health probe connects too, without a request; it gets no number.)
+async fn numbering_app(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(answer_with_number(tcp, counter.clone(), close));
+        }
+    });
+    (addr, accepted)
+}
+
+async fn answer_with_number(mut tcp: TcpStream, counter: Arc<AtomicUsize>, close: bool) {
+    let mut number = None;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            let body = number
+                .get_or_insert_with(|| counter.fetch_add(1, Ordering::SeqCst) + 1)
+                .to_string();
+            let connection = if close { "close" } else { "keep-alive" };
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n{body}",
+                body.len()
+            );
+            if tcp.write_all(reply.as_bytes()).await.is_err() || close {
+                return;
+            }
+        }
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn mesh_in_front_of(app: SocketAddr) -> Mesh {
+    Mesh::start_with(
+        |_| {},
+        |billing| billing.upstream.url = format!("http://{app}").parse().unwrap(),
+    )
+    .await
+}
+
+/// Which app connection answered one request through the mesh.
+async fn answered_by(mesh: &Mesh) -> String {
+    let resp = mesh
+        .h1()
+        .request(mesh.to_billing("GET", "/which", empty()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, body) = read_all(resp).await;
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_app_connection() {
+    let (app, accepted) = numbering_app(false).await;
+    let mesh = mesh_in_front_of(app).await;
+    for _ in 0..50 {
+        assert_eq!(answered_by(&mesh).await, "1");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn concurrent_requests_open_at_most_one_connection_each_then_reuse_them() {
+    let (app, accepted) = numbering_app(false).await;
+    let mesh = Arc::new(mesh_in_front_of(app).await);
+    for _round in 0..5 {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let mesh = mesh.clone();
+                tokio::spawn(async move { answered_by(&mesh).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+    let opened = accepted.load(Ordering::SeqCst);
+    assert!(
+        (1..=8).contains(&opened),
+        "40 requests, 8 at a time, opened {opened} app connections"
+    );
+}
+
+#[tokio::test]
+async fn an_app_that_closes_every_connection_still_gets_every_request() {
+    let (app, accepted) = numbering_app(true).await;
+    let mesh = mesh_in_front_of(app).await;
+    for expected in 1..=20 {
+        assert_eq!(answered_by(&mesh).await, expected.to_string());
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+}
