@@ -563,7 +563,9 @@ async fn serve_inbound(
             match accepted {
                 Some(Ok((req, respond))) => {
                     let in_flight = activity.begin();
-                    tokio::spawn(stream_ctx.clone().serve(req, respond, in_flight));
+                    // Boxed once here: tokio moves a task's future through several frames
+                    // into its cell, and this one is kilobytes.
+                    tokio::spawn(Box::pin(stream_ctx.clone().serve(req, respond, in_flight)));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "inbound connection ended with an error");

@@ -32,6 +32,14 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers, the ones `Connection` lists, and `TE` unless it is
 /// exactly `trailers`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most heads carry none of these: one pass over the names present costs less than
+    // hashing each hop-by-hop name to look it up.
+    if !headers
+        .keys()
+        .any(|name| name == header::TE || HOP_BY_HOP.contains(name))
+    {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

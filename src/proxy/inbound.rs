@@ -114,9 +114,11 @@ impl Inbound {
     ) -> Result<Response<InboundBody>, Infallible> {
         let resp = match (req.method(), req.uri().path()) {
             (&Method::POST, MESSAGE_PATH) => self.message(req, &caller).await,
-            (&Method::POST, HANDSHAKE_PATH) => self.handshake(req, &caller).await,
+            // The rarer paths are boxed so that every message's future (copied into its
+            // task) does not carry their state.
+            (&Method::POST, HANDSHAKE_PATH) => Box::pin(self.handshake(req, &caller)).await,
             _ if self.plain_mtls && !req.uri().path().starts_with(SEAM_PATH_PREFIX) => {
-                self.plain(req, &caller).await
+                Box::pin(self.plain(req, &caller)).await
             }
             _ => self.refuse(
                 Failure::BadRequest,

@@ -199,7 +199,9 @@ impl Http1Pool {
                 },
             }
         }
-        let mut sender = self.connect().await?;
+        // Boxed: connecting is rare, and its state would otherwise be carried by every
+        // request's future.
+        let mut sender = Box::pin(self.connect()).await?;
         let resp = sender.send_request(req).await?;
         Ok(self.reply(resp, sender))
     }
