@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -102,6 +103,15 @@ impl<T> FramingIo<T> {
                         data = &data[1..];
                         continue;
                     }
+                    // The usual case: the whole head arrived in this read. Judge it
+                    // where it lies instead of collecting it first.
+                    if buf.is_empty()
+                        && let Some(end) = find(data, b"\r\n\r\n").map(|i| i + 4)
+                    {
+                        self.state = self.after_head(&data[..end]);
+                        data = &data[end..];
+                        continue;
+                    }
                     let start = buf.len().saturating_sub(3);
                     buf.extend_from_slice(data);
                     let Some(end) = find(&buf[start..], b"\r\n\r\n").map(|i| start + i + 4) else {
@@ -175,8 +185,9 @@ impl<T> FramingIo<T> {
         if head.starts_with(b"PRI * HTTP/2.0") {
             return State::Off;
         }
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut headers);
+        // Uninitialised: httparse fills only as many as the head has.
+        let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; 128];
+        let mut req = httparse::Request::new(&mut []);
         let obs_fold = head
             .windows(3)
             .any(|w| w[0] == b'\n' && (w[1] == b' ' || w[1] == b'\t'));
@@ -184,7 +195,10 @@ impl<T> FramingIo<T> {
             self.verdicts.push(Err(Smuggling::ObsFold));
             return State::Off;
         }
-        if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        if !matches!(
+            req.parse_with_uninit_headers(head, &mut headers),
+            Ok(httparse::Status::Complete(_))
+        ) {
             // hyper answers 400 itself and closes.
             return State::Off;
         }
@@ -248,11 +262,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            let new = buf.filled()[before..].to_vec();
-            self.feed(&new);
+            this.feed(&buf.filled()[before..]);
         }
         polled
     }
@@ -327,6 +341,18 @@ GET /c HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n";
                 Err(Smuggling::ContentLengthWithTransferEncoding)
             ]
         );
+    }
+
+    #[test]
+    fn any_split_into_two_reads_gives_the_same_verdicts() {
+        let stream: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+POST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc\
+GET /c HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        let expected = [Ok(()), Ok(()), Err(Smuggling::DifferingContentLengths)];
+        for split in 0..=stream.len() {
+            let (first, second) = stream.split_at(split);
+            assert_eq!(verdicts(&[first, second]), expected, "split at {split}");
+        }
     }
 
     #[test]

@@ -45,7 +45,11 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
 }
 
-struct Reader<'a>(&'a [u8]);
+/// Reads a head from `rest`; header values are views into `whole`, not copies.
+struct Reader<'a> {
+    whole: &'a Bytes,
+    rest: &'a [u8],
+}
 
 impl RequestHead {
     /// The head of a request as it arrived, with hop-by-hop headers removed; the
@@ -76,8 +80,10 @@ impl RequestHead {
         check_size(out, max)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, HeadError> {
-        let mut r = Reader(bytes);
+    /// Decodes a head; its header values share `bytes` (the opened frame) rather than
+    /// copying it, which only holds that frame until the head has been forwarded.
+    pub fn decode(bytes: &Bytes) -> Result<Self, HeadError> {
+        let mut r = Reader::new(bytes);
         let version = r.u8()?;
         if version != HEAD_VERSION {
             return Err(HeadError::Version(version));
@@ -108,8 +114,9 @@ impl ResponseHead {
         check_size(out, max)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, HeadError> {
-        let mut r = Reader(bytes);
+    /// Decodes a head; header values share `bytes`, as for requests.
+    pub fn decode(bytes: &Bytes) -> Result<Self, HeadError> {
+        let mut r = Reader::new(bytes);
         let version = r.u8()?;
         if version != HEAD_VERSION {
             return Err(HeadError::Version(version));
@@ -127,8 +134,8 @@ pub fn encode_trailers(trailers: &HeaderMap, max: usize) -> Result<Bytes, HeadEr
     check_size(out, max)
 }
 
-pub fn decode_trailers(bytes: &[u8]) -> Result<HeaderMap, HeadError> {
-    let mut r = Reader(bytes);
+pub fn decode_trailers(bytes: &Bytes) -> Result<HeaderMap, HeadError> {
+    let mut r = Reader::new(bytes);
     let headers = r.headers()?;
     r.finish()?;
     Ok(headers)
@@ -174,12 +181,16 @@ fn utf8(b: &[u8], what: &'static str) -> Result<String, HeadError> {
 }
 
 impl<'a> Reader<'a> {
+    fn new(whole: &'a Bytes) -> Self {
+        Self { whole, rest: whole }
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], HeadError> {
-        if self.0.len() < n {
+        if self.rest.len() < n {
             return Err(HeadError::Truncated);
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
         Ok(head)
     }
 
@@ -206,11 +217,12 @@ impl<'a> Reader<'a> {
         let count = self.u16()? as usize;
         // Each header takes at least 4 bytes: a lying count cannot make us reserve
         // more than the input could hold.
-        let mut map = HeaderMap::with_capacity(count.min(self.0.len() / 4));
+        let mut map = HeaderMap::with_capacity(count.min(self.rest.len() / 4));
         for _ in 0..count {
             let name = HeaderName::from_bytes(self.bytes16()?)
                 .map_err(|_| HeadError::Invalid("header name"))?;
-            let value = HeaderValue::from_bytes(self.bytes16()?)
+            let value = self.bytes16()?;
+            let value = HeaderValue::from_maybe_shared(self.whole.slice_ref(value))
                 .map_err(|_| HeadError::Invalid("header value"))?;
             map.append(name, value);
         }
@@ -218,7 +230,7 @@ impl<'a> Reader<'a> {
     }
 
     fn finish(&self) -> Result<(), HeadError> {
-        match self.0.len() {
+        match self.rest.len() {
             0 => Ok(()),
             n => Err(HeadError::TrailingBytes(n)),
         }
@@ -268,18 +280,18 @@ mod tests {
     fn bad_heads_give_typed_errors() {
         let wire = sample_request().encode(65536).unwrap();
         assert_eq!(
-            RequestHead::decode(&wire[..wire.len() - 1]),
+            RequestHead::decode(&wire.slice(..wire.len() - 1)),
             Err(HeadError::Truncated)
         );
         let mut longer = wire.to_vec();
         longer.push(0);
         assert_eq!(
-            RequestHead::decode(&longer),
+            RequestHead::decode(&longer.into()),
             Err(HeadError::TrailingBytes(1))
         );
         let mut v = wire.to_vec();
         v[0] = 9;
-        assert_eq!(RequestHead::decode(&v), Err(HeadError::Version(9)));
+        assert_eq!(RequestHead::decode(&v.into()), Err(HeadError::Version(9)));
         assert_eq!(
             sample_request().encode(10),
             Err(HeadError::TooLarge { max: 10 })
@@ -289,6 +301,7 @@ mod tests {
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let bytes = Bytes::from(bytes);
             let _ = RequestHead::decode(&bytes);
             let _ = ResponseHead::decode(&bytes);
             let _ = decode_trailers(&bytes);
