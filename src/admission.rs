@@ -186,20 +186,20 @@ impl Drop for InFlight {
 /// A response body that keeps its request counted as in flight until the body ends,
 /// so a long download is not mistaken for an idle connection.
 pub struct Tracked<B> {
-    inner: Pin<Box<B>>,
+    inner: B,
     guard: Option<InFlight>,
 }
 
 impl<B> Tracked<B> {
     pub fn new(inner: B, guard: InFlight) -> Self {
         Self {
-            inner: Box::pin(inner),
+            inner,
             guard: Some(guard),
         }
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for Tracked<B> {
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
     type Data = Bytes;
     type Error = B::Error;
 
@@ -207,7 +207,7 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = self.inner.as_mut().poll_frame(cx);
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
                 self.guard = None;
