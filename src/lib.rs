@@ -43,7 +43,7 @@ use identity::{Identity, IdentityError, SpiffeId, peer_identity};
 use proxy::Failure;
 use proxy::framing::FramingIo;
 use proxy::inbound::Inbound;
-use proxy::mesh::{MeshBody, Pump};
+use proxy::mesh::{MeshBody, Pump, SendBudget};
 use proxy::outbound::Outbound;
 use proxy::peer::PeerPool;
 use proxy::upstream::Upstream;
@@ -540,6 +540,7 @@ async fn serve_inbound(
         failures: std::sync::atomic::AtomicU32::new(0),
         cut_off: CancellationToken::new(),
         threshold: limits.peer_failures,
+        send_budget: SendBudget::new(proxy::h2_tuning::SEND_BUDGET_FRAMES),
     });
     let serve = async {
         let mut conn = match builder.handshake::<_, Bytes>(tls).await {
@@ -603,6 +604,8 @@ struct InboundStreams {
     failures: std::sync::atomic::AtomicU32,
     cut_off: CancellationToken,
     threshold: u32,
+    /// Sealed frames waiting in this connection's HTTP/2 queue (`SendBudget`).
+    send_budget: SendBudget,
 }
 
 impl InboundStreams {
@@ -641,7 +644,14 @@ impl InboundStreams {
                 return;
             }
         };
-        if !end && let Err(e) = Pump::new(stream, body).await {
+        // A sealed reply goes to a seam in frames of at most one mesh DATA frame, and
+        // waits for its place in the connection's send budget.
+        let pump = match &body {
+            http_body_util::Either::Left(_) => Pump::new(stream, body)
+                .budgeted(proxy::h2_tuning::MAX_FRAME as usize, &self.send_budget),
+            http_body_util::Either::Right(_) => Pump::new(stream, body),
+        };
+        if !end && let Err(e) = pump.await {
             tracing::debug!(error = %e, "sending a response body to a peer seam stopped");
         }
         drop(in_flight);

@@ -14,11 +14,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::PollSemaphore;
 
 use super::body::BoxError;
 
@@ -103,6 +106,49 @@ impl Body for MeshBody {
 pub struct Pump<B> {
     stream: SendStream<Bytes>,
     body: B,
+    /// Bytes of room the stream must have before the next frame is taken, once the
+    /// first has gone.
+    room: usize,
+    budget: Option<Budget>,
+    /// Whether a frame has been sent: the first goes as soon as there is any room and
+    /// without a place in the budget, so a small message (one frame) costs neither.
+    sent: bool,
+}
+
+/// Sealed bytes one connection lets wait in HTTP/2's queue, shared by its streams.
+///
+/// Each stream's frame waits in the queue behind one frame of every other busy stream,
+/// so without a bound a frame is written out (and copied into a TLS record) megabytes
+/// after it was sealed, from memory rather than cache, and memory grows with the
+/// number of streams. With it, a frame is sealed only when a place in the budget is
+/// free, and gives its place back when HTTP/2 has written it.
+#[derive(Clone)]
+pub struct SendBudget(Arc<Semaphore>);
+
+/// A stream's use of its connection's [`SendBudget`]: the place held for the frame it
+/// is about to take from its body.
+struct Budget {
+    places: PollSemaphore,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+/// A sealed frame together with its place in the budget, released when HTTP/2 drops it.
+struct BudgetedFrame {
+    frame: Bytes,
+    _place: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for BudgetedFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+impl SendBudget {
+    /// Room for `frames` frames.
+    pub fn new(frames: usize) -> Self {
+        Self(Arc::new(Semaphore::new(frames)))
+    }
 }
 
 impl<B> Pump<B>
@@ -111,7 +157,29 @@ where
     B::Error: Into<BoxError>,
 {
     pub fn new(stream: SendStream<Bytes>, body: B) -> Self {
-        Self { stream, body }
+        Self {
+            stream,
+            body,
+            room: 1,
+            budget: None,
+            sent: false,
+        }
+    }
+
+    /// For sealed bodies to a seam, whose frames are at most `frame_len` bytes: after
+    /// the first frame, each waits for room for a whole frame in the stream's window and
+    /// for a place in the connection's `budget` before it is taken from the body (and so
+    /// sealed). A frame in HTTP/2's queue then always fits the peer's window and leaves
+    /// promptly, so a stalled stream cannot hold places other streams need, and at most
+    /// one frame per stream waits. The peer seam's windows are far larger than a frame,
+    /// so the room always comes.
+    pub fn budgeted(mut self, frame_len: usize, budget: &SendBudget) -> Self {
+        self.room = frame_len;
+        self.budget = Some(Budget {
+            places: PollSemaphore::new(budget.0.clone()),
+            held: None,
+        });
+        self
     }
 
     /// Sends what the body has ready now; a body that finishes at once is sent whole
@@ -162,19 +230,44 @@ where
             if this.body.is_end_stream() {
                 return Poll::Ready(this.finish());
             }
-            if this.stream.capacity() == 0 {
-                this.stream.reserve_capacity(1);
+            let room = if this.sent { this.room } else { 1 };
+            if this.stream.capacity() < room {
+                this.stream.reserve_capacity(room);
                 match ready!(this.stream.poll_capacity(cx)) {
-                    Some(Ok(0)) => continue,
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => continue,
                     Some(Err(e)) => return Poll::Ready(Err(e.into())),
                     None => return Poll::Ready(Err(MeshError::Closed)),
                 }
             }
-            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            if let Some(budget) = &mut this.budget
+                && this.sent
+                && budget.held.is_none()
+            {
+                // The semaphore is never closed; if it were, go on without a place.
+                budget.held = ready!(budget.places.poll_acquire(cx));
+            }
+            let polled = Pin::new(&mut this.body).poll_frame(cx);
+            if polled.is_pending()
+                && let Some(budget) = &mut this.budget
+            {
+                // Waiting on the app: let other streams use the place and the window
+                // meanwhile, so streams idle on their app (gRPC streams, long polls)
+                // cannot hold the connection's window between them.
+                budget.held = None;
+                this.stream.reserve_capacity(0);
+            }
+            match ready!(polled) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
+                        let data = match this.budget.as_mut().and_then(|b| b.held.take()) {
+                            Some(place) => Bytes::from_owner(BudgetedFrame {
+                                frame: data,
+                                _place: place,
+                            }),
+                            None => data,
+                        };
                         let end = this.body.is_end_stream();
+                        this.sent = true;
                         this.stream.send_data(data, end)?;
                         if end {
                             return Poll::Ready(Ok(()));
