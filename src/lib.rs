@@ -211,7 +211,7 @@ impl Sidecar {
         // The upstream check runs on its own schedule so /health answers from memory.
         tokio::spawn(admin::health::probe_upstream(
             admin.clone(),
-            upstream_target(&config.upstream.url),
+            proxy::upstream::app_target(&config.upstream.url),
             config.admin.upstream_probe_interval,
             config.timeouts.connect,
             admin_plane.clone(),
@@ -317,17 +317,6 @@ impl Sidecar {
         }
         drained
     }
-}
-
-/// Host and port of the upstream URL (validated as `http://HOST:PORT` by the config).
-fn upstream_target(url: &http::Uri) -> (String, u16) {
-    let host = url.host().unwrap_or("127.0.0.1");
-    // `[::1]` in a URI is `::1` to the resolver.
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    (host, url.port_u16().unwrap_or(80))
 }
 
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, SidecarError> {

@@ -75,8 +75,8 @@ pub enum UpstreamError {
 /// The HTTP/1.1 connections to the app: idle ones on a stack, the most recently used on
 /// top (its buffers are the likeliest to be warm).
 struct Http1Pool {
-    /// `host:port` of the app.
-    addr: String,
+    /// Host and port of the app ([`app_target`]).
+    target: (String, u16),
     connect_timeout: Duration,
     idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
 }
@@ -85,21 +85,30 @@ struct Http1Pool {
 /// has been read to its end; dropped before that, the connection closes with it.
 pub struct AppReply {
     inner: Incoming,
-    give_back: Option<(http1::SendRequest<UpstreamBody>, Arc<Http1Pool>)>,
+    /// The connection to give back, and where.
+    pooled: Option<(http1::SendRequest<UpstreamBody>, Arc<Http1Pool>)>,
+}
+
+/// Host and port of the upstream URL (validated as `http://HOST:PORT` by the config),
+/// for connecting to the app and probing it.
+pub fn app_target(url: &Uri) -> (String, u16) {
+    let host = url.host().unwrap_or("127.0.0.1");
+    // `[::1]` in a URI is `::1` to the resolver.
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    (host, url.port_u16().unwrap_or(80))
 }
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig, connect_timeout: Duration) -> Self {
         let client = match config.protocol {
-            UpstreamProtocol::Http1 => {
-                let host = config.url.host().unwrap_or("127.0.0.1");
-                let port = config.url.port_u16().unwrap_or(80);
-                AppClient::Http1(Arc::new(Http1Pool {
-                    addr: format!("{host}:{port}"),
-                    connect_timeout,
-                    idle: Mutex::new(Vec::new()),
-                }))
-            }
+            UpstreamProtocol::Http1 => AppClient::Http1(Arc::new(Http1Pool {
+                target: app_target(&config.url),
+                connect_timeout,
+                idle: Mutex::new(Vec::new()),
+            })),
             UpstreamProtocol::H2c => {
                 let mut connector = HttpConnector::new();
                 connector.set_connect_timeout(Some(connect_timeout));
@@ -171,7 +180,7 @@ impl Upstream {
                 let resp = client.request(req).await?;
                 Ok(resp.map(|inner| AppReply {
                     inner,
-                    give_back: None,
+                    pooled: None,
                 }))
             }
         }
@@ -218,10 +227,13 @@ impl Http1Pool {
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
-        let tcp = timeout(self.connect_timeout, TcpStream::connect(&self.addr))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
-            .map_err(UpstreamError::Connect)?;
+        let tcp = timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.target.0.as_str(), self.target.1)),
+        )
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
+        .map_err(UpstreamError::Connect)?;
         tcp.set_nodelay(true).map_err(UpstreamError::Connect)?;
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(APP_READ_BUFFER)
@@ -243,7 +255,7 @@ impl Http1Pool {
         resp.map(|inner| {
             let mut reply = AppReply {
                 inner,
-                give_back: Some((sender, self.clone())),
+                pooled: Some((sender, self.clone())),
             };
             reply.give_back_if_done();
             reply
@@ -259,11 +271,15 @@ impl Http1Pool {
 }
 
 impl AppReply {
-    fn give_back_if_done(&mut self) {
-        if self.inner.is_end_stream()
-            && let Some((sender, pool)) = self.give_back.take()
-        {
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.pooled.take() {
             pool.put_back(sender);
+        }
+    }
+
+    fn give_back_if_done(&mut self) {
+        if self.inner.is_end_stream() {
+            self.give_back();
         }
     }
 }
@@ -278,14 +294,10 @@ impl Body for AppReply {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &frame {
-            None => {
-                if let Some((sender, pool)) = self.give_back.take() {
-                    pool.put_back(sender);
-                }
-            }
+            None => self.give_back(),
             Some(Ok(_)) => self.give_back_if_done(),
             // The connection is broken: dropping its sender closes it.
-            Some(Err(_)) => self.give_back = None,
+            Some(Err(_)) => self.pooled = None,
         }
         Poll::Ready(frame)
     }
