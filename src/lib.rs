@@ -636,8 +636,7 @@ impl InboundStreams {
         // A sealed reply goes to a seam in frames of at most one mesh DATA frame, and
         // waits for its place in the connection's send budget.
         let pump = match &body {
-            http_body_util::Either::Left(_) => Pump::new(stream, body)
-                .budgeted(proxy::h2_tuning::MAX_FRAME as usize, &self.send_budget),
+            http_body_util::Either::Left(_) => Pump::new(stream, body).budgeted(&self.send_budget),
             http_body_util::Either::Right(_) => Pump::new(stream, body),
         };
         if !end && let Err(e) = pump.await {

@@ -64,6 +64,47 @@ async fn downloads_cross_byte_exact_over_http1_and_h2c() {
     }
 }
 
+/// More large replies at once over the one mesh connection than its window holds a
+/// frame each of. Every stream waiting for room for a whole frame at once once split the
+/// window into pieces too small for any of them, and the connection stalled for good.
+#[tokio::test]
+async fn more_large_replies_at_once_than_the_mesh_window_holds_frames_for() {
+    const REPLIES: usize = 320;
+    const SIZE: usize = 1024 * 1024;
+    let mesh = Mesh::start_with(
+        |o| o.limits.max_streams = 1024,
+        |b| {
+            b.limits.max_streams = 1024;
+            // Hundreds of app connections opening at once in a debug build.
+            b.timeouts.connect = Duration::from_secs(30);
+        },
+    )
+    .await;
+    let client = mesh.h2c();
+    let mut replies = tokio::task::JoinSet::new();
+    for _ in 0..REPLIES {
+        let request = client.request(mesh.to_billing("GET", &format!("/bytes/{SIZE}"), empty()));
+        replies.spawn(async move {
+            let resp = request.await.unwrap();
+            let (parts, body) = read_all(resp).await;
+            assert_eq!(parts.status, 200, "{parts:?} {body:?}");
+            body.len()
+        });
+    }
+    // A stall never ends by itself; bound the wait so it fails instead of hanging CI.
+    let all = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut done = 0;
+        while let Some(len) = replies.join_next().await {
+            assert_eq!(len.unwrap(), SIZE);
+            done += 1;
+        }
+        done
+    })
+    .await
+    .expect("the mesh connection stalled");
+    assert_eq!(all, REPLIES);
+}
+
 #[tokio::test]
 async fn streamed_upload_and_download_with_unknown_length() {
     let mesh = Mesh::start().await;

@@ -100,15 +100,12 @@ impl Body for MeshBody {
 }
 
 /// Sends a body on an HTTP/2 stream, then ends the stream. A frame is taken from the
-/// body only once the stream has room, and the stream is reset when the body fails, so
+/// body only once the stream has any room, and the stream is reset when the body fails, so
 /// the peer sees a cut message, never a short one. It stops when the peer resets the
 /// stream (the requester behind it hung up), dropping the body and what it holds.
 pub struct Pump<B> {
     stream: SendStream<Bytes>,
     body: B,
-    /// Bytes of room the stream must have before the next frame is taken, once the
-    /// first has gone.
-    room: usize,
     budget: Option<Budget>,
     /// Whether a frame has been sent: the first goes as soon as there is any room and
     /// without a place in the budget, so a small message (one frame) costs neither.
@@ -160,21 +157,23 @@ where
         Self {
             stream,
             body,
-            room: 1,
             budget: None,
             sent: false,
         }
     }
 
-    /// For sealed bodies to a seam, whose frames are at most `frame_len` bytes: after
-    /// the first frame, each waits for room for a whole frame in the stream's window and
-    /// for a place in the connection's `budget` before it is taken from the body (and so
-    /// sealed). A frame in HTTP/2's queue then always fits the peer's window and leaves
-    /// promptly, so a stalled stream cannot hold places other streams need, and at most
-    /// one frame per stream waits. The peer seam's windows are far larger than a frame,
-    /// so the room always comes.
-    pub fn budgeted(mut self, frame_len: usize, budget: &SendBudget) -> Self {
-        self.room = frame_len;
+    /// For sealed bodies to a seam: after the first frame, each waits for a place in
+    /// the connection's `budget` before it is taken from the body (and so sealed).
+    ///
+    /// It does not wait for room for a whole frame first. Doing so stalled the
+    /// connection for good once more replies were under way than the connection's
+    /// window holds frames for (320 of 1 MiB with `limits.max_streams: 1024`;
+    /// tests/mesh.rs): HTTP/2 hands the window out in pieces, and streams each holding
+    /// a piece smaller than a frame all waited. A frame may therefore wait in the queue
+    /// for its stream's window while it holds a place; a peer seam hands window back as
+    /// soon as it passes data on, so places are held long only behind clients that stop
+    /// reading.
+    pub fn budgeted(mut self, budget: &SendBudget) -> Self {
         self.budget = Some(Budget {
             places: PollSemaphore::new(budget.0.clone()),
             held: None,
@@ -230,9 +229,8 @@ where
             if this.body.is_end_stream() {
                 return Poll::Ready(this.finish());
             }
-            let room = if this.sent { this.room } else { 1 };
-            if this.stream.capacity() < room {
-                this.stream.reserve_capacity(room);
+            if this.stream.capacity() == 0 {
+                this.stream.reserve_capacity(1);
                 match ready!(this.stream.poll_capacity(cx)) {
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Poll::Ready(Err(e.into())),

@@ -175,8 +175,8 @@ pub mod h2_tuning {
             .max_local_error_reset_streams(None);
     }
 
-    /// The server's send buffer holds one whole frame: sealed replies wait for room for
-    /// a whole frame before the next is taken from the app (`Pump::budgeted`).
+    /// The server's send buffer holds one whole frame: a sealed reply's next frame is
+    /// taken from the app only once the last one has left (`Pump::budgeted`).
     pub fn server(b: &mut h2::server::Builder) {
         b.initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
