@@ -70,7 +70,7 @@ const _: () = assert!(DATA_PIECE == MAX_PAYLOAD);
 /// 5 bytes in (the record header), and HTTP/2 writes a 9-byte frame header before our
 /// frame, so our bytes land 14 bytes past the start of a 64-byte aligned buffer. On
 /// this machine's AMD EPYC, glibc's `rep movsb` copy runs 15 times slower (2.4 GB/s
-/// against 40-50) when the destination lies 1 to 63 bytes past the source modulo
+/// against 40-50) when the destination lies 1 to 15 bytes past the source modulo
 /// 4096; with the frame at 0 mod 64 every record's copy landed there, and the copy
 /// took 24 % of the answering seam's CPU on 1 MiB replies (benches/RESULTS.md). At
 /// 14 mod 64 source and destination share their alignment.
