@@ -65,8 +65,8 @@ async fn downloads_cross_byte_exact_over_http1_and_h2c() {
 }
 
 /// More large replies at once over the one mesh connection than its window holds a
-/// frame each of. Every stream waiting for room for a whole frame at once once split the
-/// window into pieces too small for any of them, and the connection stalled for good.
+/// frame each of. When every reply's next frame waited for room for the whole frame,
+/// this stalled the connection for good.
 #[tokio::test]
 async fn more_large_replies_at_once_than_the_mesh_window_holds_frames_for() {
     const REPLIES: usize = 320;

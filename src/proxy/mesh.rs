@@ -168,8 +168,9 @@ where
     /// It does not wait for room for a whole frame first. Doing so stalled the
     /// connection for good once more replies were under way than the connection's
     /// window holds frames for (320 of 1 MiB with `limits.max_streams: 1024`;
-    /// tests/mesh.rs): HTTP/2 hands the window out in pieces, and streams each holding
-    /// a piece smaller than a frame all waited. A frame may therefore wait in the queue
+    /// tests/mesh.rs), apparently because HTTP/2 hands the window out in pieces and
+    /// streams each holding a piece smaller than a frame all waited (capping how many
+    /// streams wait at once did not cure it). A frame may therefore wait in the queue
     /// for its stream's window while it holds a place; a peer seam hands window back as
     /// soon as it passes data on, so places are held long only behind clients that stop
     /// reading.
