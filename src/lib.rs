@@ -41,6 +41,7 @@ use config::Config;
 use http_body::Body as _;
 use identity::{Identity, IdentityError, SpiffeId, peer_identity};
 use proxy::Failure;
+use proxy::coalesce::Coalesced;
 use proxy::framing::FramingIo;
 use proxy::inbound::Inbound;
 use proxy::mesh::{MeshBody, Pump, SendBudget};
@@ -419,7 +420,7 @@ async fn serve_outbound(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let activity = Arc::new(Activity::default());
     let tracker = activity.clone();
-    let (io, verdicts) = FramingIo::new(tcp, limits.max_header_bytes);
+    let (io, verdicts) = FramingIo::new(Coalesced::new(tcp), limits.max_header_bytes);
     let svc = service_fn(move |req| {
         let outbound = outbound.clone();
         let pinned = pinned.clone();

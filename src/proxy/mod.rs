@@ -2,6 +2,7 @@
 //! (DESIGN §1, §3).
 
 pub mod body;
+pub mod coalesce;
 pub mod framing;
 pub mod head;
 pub mod headers;
