@@ -533,7 +533,8 @@ async fn serve_inbound(
         send_budget: SendBudget::new(proxy::h2_tuning::SEND_BUDGET_FRAMES),
     });
     let serve = async {
-        let mut conn = match builder.handshake::<_, Bytes>(tls).await {
+        // Replies finishing in the same turn share a TLS record and a write.
+        let mut conn = match builder.handshake::<_, Bytes>(Coalesced::new(tls)).await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::debug!(%remote, error = %e, "HTTP/2 handshake with a peer seam failed");

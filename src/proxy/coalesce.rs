@@ -1,10 +1,15 @@
-//! Fewer, larger socket writes on the app-facing HTTP/2 connections.
+//! Fewer, larger writes on HTTP/2 connections: the app-facing ones, and the mesh
+//! connections a seam accepts (under TLS, so held bytes also share TLS records).
 //!
 //! The h2 crate writes every DATA frame with its own `writev` and flushes after each one,
 //! and a client's frames are at most as large as its SETTINGS_MAX_FRAME_SIZE, 16 KiB unless
 //! it asks for more. A 1 MiB response to such a client took 64 socket writes; on loopback
 //! each write runs the receiver's TCP path and wakes it, and those writes were the largest
 //! difference between seam's cost at h2-1m and at h1-1m (benches/RESULTS.md).
+//!
+//! On an accepted mesh connection every reply went out on its own: at h1-1k, B wrote one
+//! TLS record and made one `writev` per 1 KiB response while the caller's side, whose
+//! requests h2 already batches, made 0.46.
 //!
 //! [`Coalesced`] holds small writes of an HTTP/2 connection (it recognises the client
 //! preface) for one turn of the runtime: a flush right after new bytes is answered at once
