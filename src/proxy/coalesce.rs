@@ -16,9 +16,9 @@
 //! without writing, and the connection's task is woken so that it comes back once the
 //! other ready tasks (the streams adding their frames) have run. On that next poll the
 //! first read or flush (h2 reads first and flushes last on every poll of a connection)
-//! ends the wait and everything held goes in one write. Bytes that would overfill the hold go out at once together
-//! with what is held, in one `writev`, and large writes onto an empty hold are not
-//! copied at all. HTTP/1.1 connections pass straight through: hyper already writes a
+//! ends the wait and everything held goes in one write. Bytes that would overfill the
+//! hold go out at once together with what is held, in one `writev`, and large writes
+//! onto an empty hold are not copied at all. HTTP/1.1 connections pass straight through: hyper already writes a
 //! response's head and body together, and one connection carries one response at a time.
 
 use std::io::{self, IoSlice};
@@ -106,7 +106,8 @@ impl<T> Coalesced<T> {
 }
 
 impl<T: AsyncWrite + Unpin> Coalesced<T> {
-    /// Writes out everything held.
+    /// Writes out everything held, and gives the hold's memory back: the connection
+    /// may now stay quiet for long.
     fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.holding() {
             let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.start..]))?;
@@ -115,6 +116,7 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
             }
             self.consume(n);
         }
+        self.buf = Vec::new();
         Poll::Ready(Ok(()))
     }
 
@@ -224,8 +226,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
                 return Poll::Ready(Ok(()));
             }
             ready!(this.poll_write_held(cx))?;
-            // The connection may now stay quiet for long: give the hold back.
-            this.buf = Vec::new();
         }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
