@@ -131,8 +131,17 @@ pub mod h2_tuning {
 
     use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
-    pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-    pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+    /// A 1 MiB body fits a stream's window whole.
+    pub const STREAM_WINDOW: u32 = 1024 * 1024;
+    /// What a peer may send on one connection before this seam has passed it on. Data
+    /// the receiver has not taken yet waits in HTTP/2's queue, in the chunks of the
+    /// connection's read buffer it arrived in, so this is also the most a connection's
+    /// backlog costs in memory: with 160 replies of 1 MiB under way, the calling seam
+    /// held 13.9 MiB of them at a 16 MiB window and 6.0 MiB at 4 MiB (heaptrack,
+    /// benches/RESULTS.md), at the same CPU per request. It is four streams' windows, as
+    /// before: downloads whose clients stop reading stall only themselves until four of
+    /// them hold the whole window.
+    pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
     /// One sealed frame with a full 64 KiB payload (64 KiB and 56 bytes): any chunk the
     /// app's side delivers (at most 56 KiB from an HTTP/1.1 app, see `upstream.rs`)
@@ -159,7 +168,7 @@ pub mod h2_tuning {
 
     /// Reset streams remembered so that frames still in flight for them are dropped
     /// quietly (h2 keeps 50). When apps hang up on many large downloads at once, the
-    /// peer seam's DATA already in flight (up to a 4 MiB window each) keeps arriving.
+    /// peer seam's DATA already in flight (up to a 1 MiB window each) keeps arriving.
     pub const RESET_STREAMS_REMEMBERED: usize = 1024;
 
     /// The client side talks only to authenticated peer seams. h2 closes a connection
