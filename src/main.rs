@@ -10,14 +10,6 @@ use seam::Sidecar;
 use seam::config::Config;
 use seam::demo::{self, DemoMesh};
 use seam::identity::{CertsInit, Identity, init_certs};
-
-/// mimalloc instead of glibc's malloc: the proxy allocates and frees many small, short-lived
-/// buffers per request (headers, frames, task cells), where glibc's bins and aligned
-/// allocations showed up at about a tenth of the CPU in profiles (benches/RESULTS.md).
-/// Built without transparent huge pages (`no_thp`): with them its arenas were backed in
-/// 2 MiB steps and a seam's resident memory under load was half again as large.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use seam::logging::{self, LogFormat};
 
 /// Exit status for a configuration that does not validate; distinct from 1 so scripts
