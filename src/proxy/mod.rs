@@ -131,7 +131,9 @@ pub mod h2_tuning {
 
     use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
-    /// A 1 MiB body fits a stream's window whole.
+    /// About one 1 MiB body (a sealed one is a little larger: its frames' headers and
+    /// tags). The receiver gives window back as it passes data on, and h2 sends the update
+    /// once half of it is free again, so larger bodies do not stall on it.
     pub const STREAM_WINDOW: u32 = 1024 * 1024;
     /// What a peer may send on one connection before this seam has passed it on. Data
     /// the receiver has not taken yet waits in HTTP/2's queue, in the chunks of the
