@@ -18,8 +18,9 @@
 //! first read or flush (h2 reads first and flushes last on every poll of a connection)
 //! ends the wait and everything held goes in one write. Bytes that would overfill the
 //! hold go out at once together with what is held, in one `writev`, and large writes
-//! onto an empty hold are not copied at all. HTTP/1.1 connections pass straight through: hyper already writes a
-//! response's head and body together, and one connection carries one response at a time.
+//! onto an empty hold are not copied at all. HTTP/1.1 connections pass straight through:
+//! hyper already writes a response's head and body together, and one connection carries
+//! one response at a time.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -43,7 +44,8 @@ enum Mode {
     Coalescing,
 }
 
-/// Wraps an app connection; see the module docs.
+/// Wraps an app connection, or an accepted mesh connection above its TLS; see the
+/// module docs.
 pub struct Coalesced<T> {
     inner: T,
     mode: Mode,

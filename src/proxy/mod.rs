@@ -125,8 +125,9 @@ pub fn failure_response(failure: Failure, message: &str) -> Response<Full<Bytes>
     resp
 }
 
-/// HTTP/2 settings shared by both ends of the mesh hop (and the h2c app client). Large windows let a 1 MiB
-/// body cross in one round trip instead of stalling on the 64 KiB default.
+/// HTTP/2 settings shared by both ends of the mesh hop (and the h2c app client). Large
+/// windows let a 1 MiB body cross in one round trip instead of stalling on the 64 KiB
+/// default.
 pub mod h2_tuning {
 
     use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
