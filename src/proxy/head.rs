@@ -14,6 +14,10 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 
 const HEAD_VERSION: u8 = 1;
+/// Headers the receiving seam adds to a request before handing it to its app
+/// (`seam-caller` and `Host`, `upstream.rs`): a decoded request head has room for them,
+/// so adding them does not grow and rehash the map.
+const ADDED_TO_REQUESTS: usize = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HeadError {
@@ -94,7 +98,7 @@ impl RequestHead {
             return Err(HeadError::Invalid("path"));
         }
         let authority = utf8(r.bytes16()?, "authority")?;
-        let headers = r.headers()?;
+        let headers = r.headers(ADDED_TO_REQUESTS)?;
         r.finish()?;
         Ok(Self {
             method,
@@ -122,7 +126,7 @@ impl ResponseHead {
             return Err(HeadError::Version(version));
         }
         let status = StatusCode::from_u16(r.u16()?).map_err(|_| HeadError::Invalid("status"))?;
-        let headers = r.headers()?;
+        let headers = r.headers(0)?;
         r.finish()?;
         Ok(Self { status, headers })
     }
@@ -136,7 +140,7 @@ pub fn encode_trailers(trailers: &HeaderMap, max: usize) -> Result<Bytes, HeadEr
 
 pub fn decode_trailers(bytes: &Bytes) -> Result<HeaderMap, HeadError> {
     let mut r = Reader::new(bytes);
-    let headers = r.headers()?;
+    let headers = r.headers(0)?;
     r.finish()?;
     Ok(headers)
 }
@@ -213,11 +217,12 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
 
-    fn headers(&mut self) -> Result<HeaderMap, HeadError> {
+    /// The headers, in a map with room for `room` more.
+    fn headers(&mut self, room: usize) -> Result<HeaderMap, HeadError> {
         let count = self.u16()? as usize;
         // Each header takes at least 4 bytes: a lying count cannot make us reserve
         // more than the input could hold.
-        let mut map = HeaderMap::with_capacity(count.min(self.rest.len() / 4));
+        let mut map = HeaderMap::with_capacity(count.min(self.rest.len() / 4) + room);
         for _ in 0..count {
             let name = HeaderName::from_bytes(self.bytes16()?)
                 .map_err(|_| HeadError::Invalid("header name"))?;
@@ -253,6 +258,13 @@ mod tests {
             authority: "billing".into(),
             headers,
         }
+    }
+
+    #[test]
+    fn a_decoded_request_head_has_room_for_the_headers_the_receiver_adds() {
+        let decoded = RequestHead::decode(&sample_request().encode(65536).unwrap()).unwrap();
+        assert_eq!(decoded.headers.len(), 3);
+        assert!(decoded.headers.capacity() >= 3 + ADDED_TO_REQUESTS);
     }
 
     #[test]
