@@ -157,9 +157,15 @@ impl<B> SealedBody<B> {
         // for all three now spares growing the buffer, which copied it (callgrind: the
         // largest single reallocation of a 1 KiB reply).
         let head_frame = FRAME + head.len();
-        let rest = match inner.size_hint().upper() {
+        // The length is the app's or the caller's word (Content-Length): compared before
+        // any sum, so that a huge one cannot overflow it.
+        let rest = match inner
+            .size_hint()
+            .upper()
+            .map(|n| n.min(GATHER as u64) as usize)
+        {
             Some(0) => FRAME,
-            Some(n) if head_frame + 2 * FRAME + n as usize <= GATHER => 2 * FRAME + n as usize,
+            Some(n) if head_frame + 2 * FRAME + n <= GATHER => 2 * FRAME + n,
             _ => 0,
         };
         let mut out = BytesMut::with_capacity(head_frame + rest);
@@ -621,6 +627,38 @@ mod tests {
         let data = opened.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(data, body);
         assert!(opened.frame().await.is_none());
+    }
+
+    /// A body that claims the largest length there is (an app's Content-Length) is
+    /// sealed as it streams, as any large body, with no overflow on the way.
+    #[tokio::test]
+    async fn a_body_claiming_an_enormous_length_seals_as_a_streaming_one() {
+        struct Claims(Option<Bytes>);
+        impl Body for Claims {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+            }
+            fn size_hint(&self) -> SizeHint {
+                SizeHint::with_exact(u64::MAX)
+            }
+        }
+        let (client, _server) = session_pair(LIMITS);
+        let (sealer, guard) = client.begin_request().unwrap();
+        let mut sealed = SealedBody::new(
+            sealer,
+            b"head",
+            Claims(Some(Bytes::from_static(b"x"))),
+            Some(guard),
+        )
+        .unwrap();
+        assert!(sealed.out.capacity() < GATHER);
+        let wire = sealed.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(wire.len(), 3 * (HEADER_LEN + TAG_LEN) + 4 + 1);
     }
 
     #[tokio::test]
