@@ -234,8 +234,11 @@ impl Outbound {
                     return self.fail(Failure::BadRequest, format!("seam({}): {e}", self.service));
                 }
             };
+            // Formatted on the stack: `to_string` made a String only to copy it.
+            let mut id = uuid::Uuid::encode_buffer();
+            let id = session.id().hyphenated().encode_lower(&mut id);
             let outer = Request::post(MESSAGE_PATH)
-                .header(SEAM_SESSION, session.id().to_string())
+                .header(SEAM_SESSION, &*id)
                 .body(Either::Left(sealed));
             let outer = match outer {
                 Ok(r) => r,
