@@ -116,3 +116,69 @@ async fn an_app_that_closes_every_connection_still_gets_every_request() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 20);
 }
+
+/// An app that answers a request as soon as its head is in, and only then reads its
+/// body, reporting how many bytes arrived: once the answer has been read, seam must
+/// still send the rest of the body to the app, and then reuse the connection.
+#[tokio::test]
+async fn a_request_body_the_app_reads_after_answering_still_reaches_it_whole() {
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::sync::mpsc;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (report, mut reports) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let report = report.clone();
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let report = report.clone();
+                async move {
+                    tokio::spawn(async move {
+                        let got = req.into_body().collect().await.map(|b| b.to_bytes().len());
+                        let _ = report.send(got.ok());
+                    });
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        bytes::Bytes::from_static(b"early"),
+                    )))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    let mesh = mesh_in_front_of(app).await;
+
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(bytes::Bytes::from(vec![1u8; 1000])).await.unwrap();
+    let resp = mesh
+        .h1()
+        .request(mesh.to_billing("POST", "/upload", ChannelBody(rx).boxed()))
+        .await
+        .unwrap();
+    let (_, answer) = read_all(resp).await;
+    assert_eq!(&answer[..], b"early");
+
+    // The answer is in; the rest of the body follows, and reaches the app.
+    tx.send(bytes::Bytes::from(vec![2u8; 3000])).await.unwrap();
+    drop(tx);
+    // A bound, so that a body left undriven fails the test instead of hanging it.
+    let got = tokio::time::timeout(std::time::Duration::from_secs(20), reports.recv()).await;
+    assert_eq!(
+        got,
+        Ok(Some(Some(4000))),
+        "the app did not get the whole body"
+    );
+    // And the connection serves the next request.
+    assert_eq!(
+        mesh.h1()
+            .request(mesh.to_billing("GET", "/again", empty()))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
