@@ -118,8 +118,9 @@ async fn an_app_that_closes_every_connection_still_gets_every_request() {
 }
 
 /// An app that answers a request as soon as its head is in, and only then reads its
-/// body, reporting how many bytes arrived: once the answer has been read, seam must
-/// still send the rest of the body to the app, and then reuse the connection.
+/// body, reporting which connection it came on and how many bytes arrived: once the
+/// answer has been read, seam must still send the rest of the body to the app, and
+/// then reuse the connection.
 #[tokio::test]
 async fn a_request_body_the_app_reads_after_answering_still_reaches_it_whole() {
     use http_body_util::{BodyExt, Full};
@@ -131,14 +132,17 @@ async fn a_request_body_the_app_reads_after_answering_still_reaches_it_whole() {
     let app = listener.local_addr().unwrap();
     let (report, mut reports) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
+        for connection in 0.. {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let report = report.clone();
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let report = report.clone();
                 async move {
                     tokio::spawn(async move {
                         let got = req.into_body().collect().await.map(|b| b.to_bytes().len());
-                        let _ = report.send(got.ok());
+                        let _ = report.send((connection, got.ok()));
                     });
                     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                         bytes::Bytes::from_static(b"early"),
@@ -167,11 +171,9 @@ async fn a_request_body_the_app_reads_after_answering_still_reaches_it_whole() {
     drop(tx);
     // A bound, so that a body left undriven fails the test instead of hanging it.
     let got = tokio::time::timeout(std::time::Duration::from_secs(20), reports.recv()).await;
-    assert_eq!(
-        got,
-        Ok(Some(Some(4000))),
-        "the app did not get the whole body"
-    );
+    let Ok(Some((first, Some(4000)))) = got else {
+        panic!("the app did not get the whole body: {got:?}");
+    };
     // And the connection serves the next request.
     assert_eq!(
         mesh.h1()
@@ -181,4 +183,5 @@ async fn a_request_body_the_app_reads_after_answering_still_reaches_it_whole() {
             .status(),
         200
     );
+    assert_eq!(reports.recv().await, Some((first, Some(0))));
 }

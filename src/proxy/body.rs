@@ -155,10 +155,9 @@ impl<B> SealedBody<B> {
         // A body known to fit in the head's HTTP/2 frame (an empty one, a small reply)
         // is sealed into this buffer on the next poll, followed by the end frame: room
         // for all three now spares growing the buffer, which copied it (callgrind: the
-        // largest single reallocation of a 1 KiB reply).
+        // largest single reallocation of a 1 KiB reply). The length is the app's or the
+        // caller's word (Content-Length), so it is capped before any sum.
         let head_frame = FRAME + head.len();
-        // The length is the app's or the caller's word (Content-Length): compared before
-        // any sum, so that a huge one cannot overflow it.
         let rest = match inner
             .size_hint()
             .upper()
