@@ -11,6 +11,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, StatusCode};
 
 const HEAD_VERSION: u8 = 1;
@@ -33,12 +34,15 @@ pub enum HeadError {
     TooLarge { max: usize },
 }
 
-/// A request head as carried between seams.
+/// A request head as carried between seams. The path and the authority are kept in the
+/// types the app's request is built from, so that a decoded head hands them on as views
+/// into the opened frame instead of copying them twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: Method,
-    pub path_and_query: String,
-    pub authority: String,
+    pub path_and_query: PathAndQuery,
+    /// As it goes into `Host`; empty when the request named none.
+    pub authority: HeaderValue,
     pub headers: HeaderMap,
 }
 
@@ -58,7 +62,7 @@ struct Reader<'a> {
 impl RequestHead {
     /// The head of a request as it arrived, with hop-by-hop headers removed; the
     /// authority is passed in because callers read it before taking the request apart.
-    pub fn from_parts(parts: http::request::Parts, authority: String) -> Self {
+    pub fn from_parts(parts: http::request::Parts, authority: HeaderValue) -> Self {
         let mut headers = parts.headers;
         super::headers::strip_hop_by_hop(&mut headers);
         RequestHead {
@@ -66,19 +70,19 @@ impl RequestHead {
             path_and_query: parts
                 .uri
                 .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
             authority,
             headers,
         }
     }
 
     pub fn encode(&self, max: usize) -> Result<Bytes, HeadError> {
-        let mut out =
-            BytesMut::with_capacity(64 + self.path_and_query.len() + 32 * self.headers.len());
+        let path = self.path_and_query.as_str();
+        let mut out = BytesMut::with_capacity(64 + path.len() + 32 * self.headers.len());
         out.put_u8(HEAD_VERSION);
         put_bytes8(&mut out, self.method.as_str().as_bytes())?;
-        put_bytes16(&mut out, self.path_and_query.as_bytes())?;
+        put_bytes16(&mut out, path.as_bytes())?;
         put_bytes16(&mut out, self.authority.as_bytes())?;
         put_headers(&mut out, &self.headers)?;
         check_size(out, max)
@@ -93,11 +97,14 @@ impl RequestHead {
             return Err(HeadError::Version(version));
         }
         let method = Method::from_bytes(r.bytes8()?).map_err(|_| HeadError::Invalid("method"))?;
-        let path_and_query = utf8(r.bytes16()?, "path")?;
-        if !path_and_query.starts_with('/') && path_and_query != "*" {
+        let path = r.text16("path")?;
+        if !path.starts_with(b"/") && path != b"*" {
             return Err(HeadError::Invalid("path"));
         }
-        let authority = utf8(r.bytes16()?, "authority")?;
+        let path_and_query = PathAndQuery::from_maybe_shared(bytes.slice_ref(path))
+            .map_err(|_| HeadError::Invalid("path"))?;
+        let authority = HeaderValue::from_maybe_shared(bytes.slice_ref(r.text16("authority")?))
+            .map_err(|_| HeadError::Invalid("authority"))?;
         let headers = r.headers(ADDED_TO_REQUESTS)?;
         r.finish()?;
         Ok(Self {
@@ -180,10 +187,6 @@ fn put_headers(out: &mut BytesMut, headers: &HeaderMap) -> Result<(), HeadError>
     Ok(())
 }
 
-fn utf8(b: &[u8], what: &'static str) -> Result<String, HeadError> {
-    String::from_utf8(b.to_vec()).map_err(|_| HeadError::Invalid(what))
-}
-
 impl<'a> Reader<'a> {
     fn new(whole: &'a Bytes) -> Self {
         Self { whole, rest: whole }
@@ -215,6 +218,13 @@ impl<'a> Reader<'a> {
     fn bytes16(&mut self) -> Result<&'a [u8], HeadError> {
         let n = self.u16()? as usize;
         self.take(n)
+    }
+
+    /// Like `bytes16`, for a field that must be UTF-8 (the path, the authority).
+    fn text16(&mut self, what: &'static str) -> Result<&'a [u8], HeadError> {
+        let b = self.bytes16()?;
+        std::str::from_utf8(b).map_err(|_| HeadError::Invalid(what))?;
+        Ok(b)
     }
 
     /// The headers, in a map with room for `room` more.
@@ -254,8 +264,8 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("b"));
         RequestHead {
             method: Method::POST,
-            path_and_query: "/charge?id=7".into(),
-            authority: "billing".into(),
+            path_and_query: PathAndQuery::from_static("/charge?id=7"),
+            authority: HeaderValue::from_static("billing"),
             headers,
         }
     }
@@ -307,6 +317,39 @@ mod tests {
         assert_eq!(
             sample_request().encode(10),
             Err(HeadError::TooLarge { max: 10 })
+        );
+    }
+
+    #[test]
+    fn a_request_head_needs_a_path_and_a_clean_authority() {
+        let with = |path: &'static str, authority: &'static [u8]| {
+            let mut head = sample_request();
+            head.path_and_query = PathAndQuery::from_static(path);
+            let mut wire = BytesMut::from(&head.encode(65536).unwrap()[..]);
+            // Swap the encoded authority, which HeaderValue would not take.
+            let at = 1 + 1 + head.method.as_str().len() + 2 + path.len();
+            let rest = wire.split_off(at + 2 + "billing".len());
+            wire.truncate(at);
+            wire.put_u16(authority.len() as u16);
+            wire.put_slice(authority);
+            wire.unsplit(rest);
+            RequestHead::decode(&wire.freeze())
+        };
+        let ok = with("/a?b=c", b"billing:8080").unwrap();
+        assert_eq!(ok.path_and_query, "/a?b=c");
+        assert_eq!(ok.authority, "billing:8080");
+        assert_eq!(with("*", b"").unwrap().path_and_query, "*");
+        assert_eq!(
+            with("/", b"bill\ning"),
+            Err(HeadError::Invalid("authority"))
+        );
+        assert_eq!(with("/", b"\xff"), Err(HeadError::Invalid("authority")));
+        let mut no_path = sample_request().encode(65536).unwrap().to_vec();
+        let at = 1 + 1 + "POST".len();
+        no_path.splice(at..at + 2 + "/charge?id=7".len(), [0, 0]);
+        assert_eq!(
+            RequestHead::decode(&no_path.into()),
+            Err(HeadError::Invalid("path"))
         );
     }
 

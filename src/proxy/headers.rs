@@ -6,8 +6,9 @@
 //! through the mesh. `TE: trailers` survives because gRPC needs it end to end.
 //! Headers starting `seam-` are seam's own: an app cannot set them.
 
+use http::Request;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Uri};
+use http::uri::Authority;
 
 /// Set on the request handed to the local app: the authenticated caller's service.
 pub const SEAM_CALLER: HeaderName = HeaderName::from_static("seam-caller");
@@ -75,27 +76,35 @@ pub fn strip_seam_headers(headers: &mut HeaderMap) {
 /// absolute-form URI (`HTTP_PROXY` style) or of `:authority`, else the `Host` header.
 /// The port is ignored and the name lowercased.
 pub fn target_service<B>(req: &Request<B>) -> Option<String> {
-    let from_uri = req.uri().host().map(str::to_owned);
-    let host = from_uri.or_else(|| {
-        let value = req.headers().get(header::HOST)?.to_str().ok()?;
-        let uri: Uri = format!("http://{value}/").parse().ok()?;
-        uri.host().map(str::to_owned)
-    })?;
+    let from_header;
+    let host = match req.uri().host() {
+        Some(host) => host,
+        None => {
+            let value = req.headers().get(header::HOST)?;
+            from_header = Authority::try_from(value.as_bytes()).ok()?;
+            from_header.host()
+        }
+    };
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     (!host.is_empty()).then_some(host)
 }
 
-/// The authority to carry to the peer: what the app addressed, for the app behind the
-/// peer seam to see as its Host.
-pub fn request_authority<B>(req: &Request<B>) -> String {
-    if let Some(a) = req.uri().authority() {
-        return a.as_str().to_owned();
-    }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
+/// The authority to carry to the peer: what the app addressed, from the URI or else
+/// `Host` (empty if neither), for the app behind the peer seam to see as its Host. A
+/// `Host` header is shared, not copied.
+pub fn request_authority<B>(req: &Request<B>) -> HeaderValue {
+    let from_uri = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    from_uri
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .filter(|h| h.to_str().is_ok())
+                .cloned()
+        })
+        .unwrap_or_else(|| HeaderValue::from_static(""))
 }
 
 pub fn header_value(s: &str) -> HeaderValue {
@@ -160,5 +169,17 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(target_service(&bad), None);
+        let host = |value: &str| {
+            let req = Request::get("/").header(header::HOST, value).body(());
+            target_service(&req.unwrap())
+        };
+        assert_eq!(host("Billing.:80").as_deref(), Some("billing"));
+        assert_eq!(host("[::1]:8080").as_deref(), Some("[::1]"));
+        // A path in Host is not an authority.
+        assert_eq!(host("billing/x"), None);
+        assert_eq!(host(""), None);
+        let h2 = Request::get("http://billing:7/").body(()).unwrap();
+        assert_eq!(request_authority(&h2), "billing:7");
+        assert_eq!(request_authority(&none), "");
     }
 }

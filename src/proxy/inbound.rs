@@ -290,13 +290,9 @@ impl Inbound {
         };
         // The path without its query: queries often carry tokens, which logs must not.
         let access = self.stats.access_log().then(|| {
-            let path = head
-                .path_and_query
-                .split('?')
-                .next()
-                .unwrap_or("/")
-                .to_owned();
-            (head.method.clone(), head.authority.clone(), path)
+            let path = head.path_and_query.path().to_owned();
+            let authority = head.authority.to_str().unwrap_or_default().to_owned();
+            (head.method.clone(), authority, path)
         });
         let (resp_head, resp_body) = match self.to_app(head, Either::Left(body), caller).await {
             Ok(resp) => {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
@@ -88,7 +88,10 @@ impl Outbound {
         let access = self.stats.access_log().then(|| {
             (
                 req.method().clone(),
-                request_authority(&req),
+                request_authority(&req)
+                    .to_str()
+                    .unwrap_or_default()
+                    .to_owned(),
                 req.uri().path().to_owned(),
             )
         });
@@ -195,9 +198,7 @@ impl Outbound {
         for attempt in 0..2 {
             let session = match self
                 .sessions
-                .get_or_handshake(&service.to_owned(), || {
-                    self.peers.handshake(service, self.limits)
-                })
+                .get_or_handshake(service, || self.peers.handshake(service, self.limits))
                 .await
             {
                 Ok(s) => s,
@@ -237,7 +238,10 @@ impl Outbound {
             // Formatted on the stack: `to_string` made a String only to copy it.
             let mut id = uuid::Uuid::encode_buffer();
             let id = session.id().hyphenated().encode_lower(&mut id);
-            let outer = Request::post(MESSAGE_PATH)
+            // A static URI: parsing the path from text would copy it for every request.
+            let outer = Request::builder()
+                .method(Method::POST)
+                .uri(Uri::from_static(MESSAGE_PATH))
                 .header(SEAM_SESSION, &*id)
                 .body(Either::Left(sealed));
             let outer = match outer {

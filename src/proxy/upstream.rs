@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery};
+use http::uri::Authority;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
@@ -140,7 +140,7 @@ impl Upstream {
         body: UpstreamBody,
         caller: &str,
     ) -> Result<Response<AppReply>, UpstreamError> {
-        let path: PathAndQuery = head.path_and_query.parse().map_err(http::Error::from)?;
+        let path = head.path_and_query;
         let uri = match self.protocol {
             // HTTP/1.1 sends the origin form; the authority goes in Host.
             UpstreamProtocol::Http1 => Uri::from(path),
@@ -160,15 +160,12 @@ impl Upstream {
         headers.insert(SEAM_CALLER, header_value(caller));
         match &self.client {
             AppClient::Http1(pool) => {
-                let host = HeaderValue::from_str(&head.authority)
-                    .ok()
-                    .filter(|_| !head.authority.is_empty())
-                    .or_else(|| {
-                        self.url
-                            .authority()
-                            .map(Authority::as_str)
-                            .and_then(|a| HeaderValue::from_str(a).ok())
-                    });
+                let host = Some(head.authority).filter(|a| !a.is_empty()).or_else(|| {
+                    self.url
+                        .authority()
+                        .map(Authority::as_str)
+                        .and_then(|a| HeaderValue::from_str(a).ok())
+                });
                 if let Some(host) = host {
                     headers.insert(header::HOST, host);
                 }

@@ -193,12 +193,14 @@ where
     /// there is none or the current one is due for a rekey. Concurrent callers for
     /// the same key wait for one handshake instead of each running their own; a
     /// replaced session stays valid for the messages already using it.
-    pub async fn get_or_handshake<F, Fut, E>(
+    pub async fn get_or_handshake<Q, F, Fut, E>(
         &self,
-        key: &K,
+        key: &Q,
         handshake: F,
     ) -> Result<Arc<Session>, E>
     where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Session, E>>,
         E: From<SessionError> + Send + Sync + 'static,
@@ -210,16 +212,13 @@ where
             return Ok(session);
         }
         // Boxed: the handshake's state is kilobytes, and keeping it out of this future
-        // keeps every request's future that small (one copy of it per request).
-        Box::pin(self.handshake_into_cache(key, handshake)).await
+        // keeps every request's future that small (one copy of it per request). The key
+        // is only copied here, on the slow path.
+        Box::pin(self.handshake_into_cache(key.to_owned(), handshake)).await
     }
 
     /// The slow path of [`Self::get_or_handshake`]: one handshake per key at a time.
-    async fn handshake_into_cache<F, Fut, E>(
-        &self,
-        key: &K,
-        handshake: F,
-    ) -> Result<Arc<Session>, E>
+    async fn handshake_into_cache<F, Fut, E>(&self, key: K, handshake: F) -> Result<Arc<Session>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Session, E>>,
@@ -228,7 +227,7 @@ where
         let stats = self.stats.clone();
         let outcome = self
             .cache
-            .entry(key.clone())
+            .entry(key)
             .and_try_compute_with(|current| async move {
                 let now = Instant::now();
                 let mut rekeyed = None;
@@ -484,19 +483,19 @@ mod tests {
         let ok = |s: Session| async move { Ok::<_, TestError>(s) };
         // Revoked.
         cache
-            .get_or_handshake(&"a".into(), || ok(client_session(LIMITS)))
+            .get_or_handshake("a", || ok(client_session(LIMITS)))
             .await
             .unwrap();
         assert!(cache.revoke(&"a".into(), EndReason::Revoked).await);
         assert!(!cache.revoke(&"a".into(), EndReason::Revoked).await);
         // Expired (seen by tokio's clock at the next use, then replaced by a new one).
         let first = cache
-            .get_or_handshake(&"b".into(), || ok(client_session(LIMITS)))
+            .get_or_handshake("b", || ok(client_session(LIMITS)))
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(3000)).await;
         let second = cache
-            .get_or_handshake(&"b".into(), || ok(client_session(LIMITS)))
+            .get_or_handshake("b", || ok(client_session(LIMITS)))
             .await
             .unwrap();
         assert_ne!(first.id(), second.id());
@@ -505,7 +504,7 @@ mod tests {
         for _ in 0..66 {
             tokio::time::advance(Duration::from_secs(50)).await;
             cache
-                .get_or_handshake(&"b".into(), || ok(client_session(LIMITS)))
+                .get_or_handshake("b", || ok(client_session(LIMITS)))
                 .await
                 .unwrap();
         }
@@ -560,9 +559,7 @@ mod tests {
     async fn failed_handshakes_are_counted_and_not_cached() {
         let cache: SessionCache<String> = SessionCache::new(LIMITS, 100);
         let err = cache
-            .get_or_handshake(&"x".into(), || async {
-                Err::<Session, _>(TestError::Refused)
-            })
+            .get_or_handshake("x", || async { Err::<Session, _>(TestError::Refused) })
             .await
             .unwrap_err();
         assert_eq!(err, TestError::Refused);
