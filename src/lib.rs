@@ -608,10 +608,13 @@ impl InboundStreams {
         mut respond: h2::server::SendResponse<Bytes>,
         in_flight: InFlight,
     ) {
-        let handled = self
-            .inbound
-            .clone()
-            .handle(req.map(MeshBody::new), self.caller.clone());
+        // Pinned where it is made: the handler's future is large, and `select!` moving
+        // it in cost two copies of it per request (callgrind).
+        let handled = std::pin::pin!(
+            self.inbound
+                .clone()
+                .handle(req.map(MeshBody::new), self.caller.clone())
+        );
         // The calling seam resets the stream when its app gives up: stop working for it,
         // which also drops the request to the app.
         let resp = tokio::select! {

@@ -99,16 +99,19 @@ impl Body for MeshBody {
     }
 }
 
-/// Sends a body on an HTTP/2 stream, then ends the stream. A frame is taken from the
-/// body only once the stream has any room, and the stream is reset when the body fails, so
+/// Sends a body on an HTTP/2 stream, then ends the stream. After the first, a frame is
+/// taken from the body only once the stream has any room, and the stream is reset when the body fails, so
 /// the peer sees a cut message, never a short one. It stops when the peer resets the
 /// stream (the requester behind it hung up), dropping the body and what it holds.
 pub struct Pump<B> {
     stream: SendStream<Bytes>,
     body: B,
     budget: Option<Budget>,
-    /// Whether a frame has been sent: the first goes as soon as there is any room and
-    /// without a place in the budget, so a small message (one frame) costs neither.
+    /// Whether a frame has been sent. The first goes without waiting for room or for a
+    /// place in the budget: a new stream has no room until the connection's task has
+    /// written its HEADERS, so waiting cost every small message (one frame) a spawned
+    /// task on the calling side and a second poll on the answering side. HTTP/2 queues
+    /// the frame until the window takes it; it is at most one mesh frame per stream.
     sent: bool,
 }
 
@@ -232,7 +235,7 @@ where
             if this.body.is_end_stream() {
                 return Poll::Ready(this.finish());
             }
-            if this.stream.capacity() == 0 {
+            if this.sent && this.stream.capacity() == 0 {
                 this.stream.reserve_capacity(1);
                 match ready!(this.stream.poll_capacity(cx)) {
                     Some(Ok(_)) => continue,
@@ -288,5 +291,65 @@ where
                 None => return Poll::Ready(this.finish()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use http_body_util::Full;
+
+    use super::*;
+
+    /// A message that fits one frame leaves in the pump's first poll, before the
+    /// connection's task has written the stream's HEADERS and so before the stream has
+    /// any room: a small request or reply needs no spawned task and no second poll.
+    #[tokio::test]
+    async fn a_one_frame_body_is_sent_in_the_first_poll() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io)
+                .await
+                .expect("server handshake");
+            let (req, respond) = conn.accept().await.expect("a stream").expect("stream ok");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let mut got = BytesMut::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("the body's data");
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            drop(respond);
+            got.freeze()
+        });
+
+        let (send, conn) = h2::client::handshake(client_io)
+            .await
+            .expect("client handshake");
+        let mut send = send.ready().await.expect("room for a stream");
+        let (_response, stream) = send
+            .send_request(http::Request::new(()), false)
+            .expect("a stream");
+        assert_eq!(
+            stream.capacity(),
+            0,
+            "the stream has no room before HEADERS leave"
+        );
+        let mut pump = Pump::new(stream, Full::new(Bytes::from_static(b"one frame")));
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pump).poll(cx))).await;
+        assert!(
+            matches!(first, Poll::Ready(Ok(()))),
+            "the whole body is sent in the first poll"
+        );
+
+        tokio::spawn(conn);
+        let got = tokio::time::timeout(Duration::from_secs(20), server)
+            .await
+            .expect("the server got the body in time")
+            .expect("the server task");
+        assert_eq!(&got[..], b"one frame");
     }
 }
