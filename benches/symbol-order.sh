@@ -42,7 +42,7 @@ done
 bash "$HARNESS/topo.sh" ours stop >/dev/null
 
 nm --defined-only "$SEAM" | awk 'NF == 3 && $2 ~ /^[tTwW]$/ {print $3}' >"$out/symbols"
-python3 - "$out/symbols" "$out"/cg.* >"$ROOT/benches/symbol-order.txt" <<'PY'
+python3 - "$out/symbols" "$out"/cg.* >"$out/order" <<'PY'
 import collections, re, sys
 symbols = set(open(sys.argv[1]).read().split())
 cost = collections.Counter()
@@ -69,7 +69,10 @@ for path in sys.argv[2:]:
             after_call = False
 ran = [n for n, _ in sorted(cost.items(), key=lambda kv: -kv[1]) if n in symbols]
 avx512 = sorted(s for s in symbols if re.search(r"aws_lc.*(avx512|vaes|vpclmul|avx10)", s) and s not in cost)
+if len(ran) < 100:
+    sys.exit(f"only {len(ran)} of seam's functions in the profiles; did callgrind write them?")
 print("\n".join(ran + avx512))
 sys.stderr.write(f"{len(ran)} functions ran, {len(avx512)} AVX-512 ones added\n")
 PY
+mv "$out/order" "$ROOT/benches/symbol-order.txt"
 echo "wrote benches/symbol-order.txt ($(wc -l <"$ROOT/benches/symbol-order.txt") names)"

@@ -100,9 +100,10 @@ impl Body for MeshBody {
 }
 
 /// Sends a body on an HTTP/2 stream, then ends the stream. After the first, a frame is
-/// taken from the body only once the stream has any room, and the stream is reset when the body fails, so
-/// the peer sees a cut message, never a short one. It stops when the peer resets the
-/// stream (the requester behind it hung up), dropping the body and what it holds.
+/// taken from the body only once the stream has any room, and the stream is reset when
+/// the body fails, so the peer sees a cut message, never a short one. It stops when the
+/// peer resets the stream (the requester behind it hung up), dropping the body and what
+/// it holds.
 pub struct Pump<B> {
     stream: SendStream<Bytes>,
     body: B,
