@@ -105,6 +105,52 @@ async fn more_large_replies_at_once_than_the_mesh_window_holds_frames_for() {
     assert_eq!(all, REPLIES);
 }
 
+/// Downloads whose clients stop reading hold only their own streams' windows of the
+/// mesh connection (`h2_tuning`: the connection's window is four streams' windows), so
+/// a download beside three of them on the same mesh connection still completes.
+#[tokio::test]
+async fn downloads_whose_clients_stop_reading_stall_only_themselves() {
+    const STALLED: usize = 3;
+    const STALLED_SIZE: usize = 8 * 1024 * 1024;
+    const SIZE: usize = 2 * 1024 * 1024;
+    let mesh = Mesh::start().await;
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        // A client of its own with a small window, so it takes little before it stops,
+        // and so that its own connection's window does not hold up the others.
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .http2_initial_stream_window_size(64 * 1024)
+                .http2_initial_connection_window_size(64 * 1024)
+                .build(pinned_connector(mesh.orders.outbound_addr()));
+        let req = mesh.to_billing("GET", &format!("/bytes/{STALLED_SIZE}"), empty());
+        let mut resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // One chunk read, then never again: the reply is under way and stays so.
+        let first = resp.body_mut().frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        stalled.push((client, resp));
+    }
+    let download = async {
+        let resp = mesh
+            .h2c()
+            .request(mesh.to_billing("GET", &format!("/bytes/{SIZE}"), empty()))
+            .await
+            .unwrap();
+        let (parts, body) = read_all(resp).await;
+        assert_eq!(parts.status, 200);
+        body
+    };
+    // A stall never ends by itself; bound the wait so it fails instead of hanging CI.
+    let body = tokio::time::timeout(Duration::from_secs(60), download)
+        .await
+        .expect("a download stalled behind replies whose clients stopped reading");
+    assert_eq!(body.len(), SIZE);
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(SIZE)));
+    drop(stalled);
+}
+
 #[tokio::test]
 async fn streamed_upload_and_download_with_unknown_length() {
     let mesh = Mesh::start().await;

@@ -125,26 +125,29 @@ pub fn failure_response(failure: Failure, message: &str) -> Response<Full<Bytes>
     resp
 }
 
-/// HTTP/2 settings shared by both ends of the mesh hop (and the h2c app client). Large
-/// windows let a 1 MiB body cross in one round trip instead of stalling on the 64 KiB
-/// default.
+/// HTTP/2 settings shared by both ends of the mesh hop (and the h2c app client). The
+/// windows are larger than the 64 KiB default, so that a 1 MiB body does not stall on
+/// window updates, and small enough that what the peer sends is taken off the socket soon.
 pub mod h2_tuning {
 
     use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
-    /// About one 1 MiB body (a sealed one is a little larger: its frames' headers and
-    /// tags). The receiver gives window back as it passes data on, and h2 sends the update
-    /// once half of it is free again, so larger bodies do not stall on it.
-    pub const STREAM_WINDOW: u32 = 1024 * 1024;
-    /// What a peer may send on one connection before this seam has passed it on. Data
-    /// the receiver has not taken yet waits in HTTP/2's queue, in the chunks of the
-    /// connection's read buffer it arrived in, so this is also the most a connection's
-    /// backlog costs in memory: with 160 replies of 1 MiB under way, the calling seam
-    /// held 13.9 MiB of them at a 16 MiB window and 6.0 MiB at 4 MiB (heaptrack,
-    /// benches/RESULTS.md), at the same CPU per request. It is four streams' windows, as
-    /// before: downloads whose clients stop reading stall only themselves until four of
-    /// them hold the whole window.
-    pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+    /// Four full sealed frames. The receiver gives window back as it passes data on, and
+    /// h2 sends the update once half of it is free again, so a stream always has about
+    /// two frames' room: a 1 MiB body crosses without waiting on updates.
+    pub const STREAM_WINDOW: u32 = 256 * 1024;
+    /// What a peer may send on one connection before this seam has passed it on: four
+    /// streams' windows, so downloads whose clients stop reading stall only themselves
+    /// until four of them hold the whole window.
+    ///
+    /// Data the receiver has not taken yet waits in the kernel's socket buffer and in
+    /// HTTP/2's queue, so this bounds a connection's backlog. At 4 MiB the calling seam's
+    /// mesh socket held about 4 MB unread under 1 MiB replies, its receive buffer
+    /// filled (the kernel advertised a zero window 2 times per reply) and the answering
+    /// seam's sends ran inside the caller's reads. At 1 MiB (with 256 KiB per stream)
+    /// the pair used 4-8 % less CPU per request at h1-1m and 2-8 % less at h2-1m in every
+    /// one of six alternating runs; 512 KiB was slower again (benches/RESULTS.md).
+    pub const CONNECTION_WINDOW: u32 = 4 * STREAM_WINDOW;
 
     /// One sealed frame with a full 64 KiB payload (64 KiB and 56 bytes): any chunk the
     /// app's side delivers (at most 56 KiB from an HTTP/1.1 app, see `upstream.rs`)
@@ -171,7 +174,7 @@ pub mod h2_tuning {
 
     /// Reset streams remembered so that frames still in flight for them are dropped
     /// quietly (h2 keeps 50). When apps hang up on many large downloads at once, the
-    /// peer seam's DATA already in flight (up to a 1 MiB window each) keeps arriving.
+    /// peer seam's DATA already in flight (up to a stream window each) keeps arriving.
     pub const RESET_STREAMS_REMEMBERED: usize = 1024;
 
     /// The client side talks only to authenticated peer seams. h2 closes a connection
