@@ -133,8 +133,9 @@ pub mod h2_tuning {
     use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
     /// Four full sealed frames. The receiver gives window back as it passes data on, and
-    /// h2 sends the update once half of it is free again, so a stream always has about
-    /// two frames' room: a 1 MiB body crosses without waiting on updates.
+    /// h2 sends the update once half of it is free again, so a busy stream keeps about
+    /// two frames' room. Across hosts this caps a stream at a window per round trip
+    /// (256 MiB/s at 1 ms).
     pub const STREAM_WINDOW: u32 = 256 * 1024;
     /// What a peer may send on one connection before this seam has passed it on: four
     /// streams' windows, so downloads whose clients stop reading stall only themselves
