@@ -126,8 +126,8 @@ pub fn failure_response(failure: Failure, message: &str) -> Response<Full<Bytes>
 }
 
 /// HTTP/2 settings shared by both ends of the mesh hop (and the h2c app client). The
-/// windows are larger than the 64 KiB default, so that a 1 MiB body does not stall on
-/// window updates, and small enough that what the peer sends is taken off the socket soon.
+/// windows are well above the 64 KiB default, on which 1 MiB bodies stalled, and small
+/// enough that what the peer sends is taken off the socket soon.
 pub mod h2_tuning {
 
     use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
@@ -144,7 +144,7 @@ pub mod h2_tuning {
     /// Data the receiver has not taken yet waits in the kernel's socket buffer and in
     /// HTTP/2's queue, so this bounds a connection's backlog. At 4 MiB the calling seam's
     /// mesh socket held about 4 MB unread under 1 MiB replies, its receive buffer
-    /// filled (the kernel advertised a zero window 2 times per reply) and the answering
+    /// filled (the kernel advertised a zero window 2-4 times per reply) and the answering
     /// seam's sends ran inside the caller's reads. At 1 MiB (with 256 KiB per stream)
     /// the pair used 4-8 % less CPU per request at h1-1m and 2-8 % less at h2-1m in every
     /// one of six alternating runs; 512 KiB was slower again (benches/RESULTS.md).
