@@ -132,7 +132,8 @@ pub mod h2_tuning {
 
     use crate::session::seal::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
-    /// Four full sealed frames. The receiver gives window back as it passes data on, and
+    /// Four sealed frames, all but the last few hundred bytes of the fourth (a full frame
+    /// is 64 KiB and 56 bytes). The receiver gives window back as it passes data on, and
     /// h2 sends the update once half of it is free again, so a busy stream keeps about
     /// two frames' room. Across hosts this caps a stream at a window per round trip
     /// (256 MiB/s at 1 ms).
@@ -147,7 +148,8 @@ pub mod h2_tuning {
     /// filled (the kernel advertised a zero window 2-4 times per reply) and the answering
     /// seam's sends ran inside the caller's reads. At 1 MiB (with 256 KiB per stream)
     /// the pair used 4-8 % less CPU per request at h1-1m and 2-8 % less at h2-1m in every
-    /// one of six alternating runs; 512 KiB was slower again (benches/RESULTS.md).
+    /// one of six alternating runs. 128 KiB / 512 KiB was slower on both, 512 KiB / 2 MiB
+    /// on h2-1m (benches/RESULTS.md).
     pub const CONNECTION_WINDOW: u32 = 4 * STREAM_WINDOW;
 
     /// One sealed frame with a full 64 KiB payload (64 KiB and 56 bytes): any chunk the
