@@ -13,8 +13,8 @@
 #
 # One line per run: requests per second; the pair's CPU µs per request, and each side's
 # user + system share of it (/proc/<pid>/task/*/stat of the side and its children); the
-# load generator's voluntary context switches per request (each is a wake-up the sending
-# side paid for, an IPI on this VM); the kernel's zero-window advertisements per request
+# load generator's voluntary context switches per request (each a wake-up from the sending
+# side, an IPI on this VM; fewer of them did not by itself mean less CPU, benches/RESULTS.md); the kernel's zero-window advertisements per request
 # (nstat: a receive buffer that filled). CASE as in the harness: h2-1k h2-1m h1-1k h1-1m.
 # A warm-up first (N/5 requests, or 2 s). The harness's CPU pinning applies (pair on CPU 0,
 # h2load and the app on CPU 1).
@@ -49,8 +49,8 @@ load() {
   if [ "$1" = warm ]; then length=("${warm[@]}"); else length=("${measure[@]}"); fi
   shift
   case $case_name in
-    h2-*) taskset -c "$PIN_CLIENT" "$@" h2load -t1 -c16 -m10 "${length[@]}" "$url" ;;
-    h1-*) taskset -c "$PIN_CLIENT" "$@" wrk -t1 -c32 "${length[@]}" "$url" ;;
+    h2-*) taskset -c "$PIN_CLIENT" "$@" h2load -t1 -c"$H2_CLIENTS" -m"$H2_STREAMS" "${length[@]}" "$url" ;;
+    h1-*) taskset -c "$PIN_CLIENT" "$@" wrk -t1 -c"$H1_CONNS" "${length[@]}" "$url" ;;
   esac
 }
 
